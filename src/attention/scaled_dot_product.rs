@@ -1,0 +1,253 @@
+//! Scaled dot-product attention (§3.2.1, Eq. 1): `Attention(Q, K, V) = softmax(QKᵀ / √d_k) V`.
+//!
+//! Each query is compared with every key by a dot product; the scores, divided by √d_k so that
+//! their variance does not grow with the width and push the softmax into flat regions, become
+//! weights over the values. Masked keys get weight 0 (see [`crate::mask`]).
+
+use ndarray::{Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Zip};
+
+use crate::error::{Error, Result};
+use crate::mask::Mask;
+use crate::ops;
+
+/// `softmax(Q Kᵀ / √d_k) V`, batched over batch and heads.
+///
+/// # Shapes
+/// - `q`: `[batch, num_heads, tgt_len, d_k]`
+/// - `k`: `[batch, num_heads, src_len, d_k]`
+/// - `v`: `[batch, num_heads, src_len, d_v]`
+/// - returns `[batch, num_heads, tgt_len, d_v]`
+///
+/// # Errors
+/// [`Error::Shape`] if the shapes disagree or a mask part does not fit.
+///
+/// ```
+/// use ndarray::Array4;
+/// use ndtransformer::{scaled_dot_product_attention, Mask};
+/// let q = Array4::<f32>::ones((2, 4, 3, 8));
+/// let kv = Array4::<f32>::ones((2, 4, 5, 8));
+/// let out = scaled_dot_product_attention(q.view(), kv.view(), kv.view(), &Mask::none())?;
+/// assert_eq!(out.shape(), &[2, 4, 3, 8]);
+/// # Ok::<(), ndtransformer::Error>(())
+/// ```
+pub fn scaled_dot_product_attention(
+    q: ArrayView4<f32>,
+    k: ArrayView4<f32>,
+    v: ArrayView4<f32>,
+    mask: &Mask,
+) -> Result<Array4<f32>> {
+    let (b, h, tgt_len, _) = check_shapes(q, k, v, mask)?;
+    let mut out = Array4::zeros((b, h, tgt_len, v.shape()[3]));
+    attend_into(q, k, v, mask, out.view_mut(), None);
+    Ok(out)
+}
+
+/// As [`scaled_dot_product_attention`], also returning the attention weights.
+///
+/// # Shapes
+/// - returns `([batch, num_heads, tgt_len, d_v], [batch, num_heads, tgt_len, src_len])`;
+///   each weight row sums to 1, or is all zeros if every key of that query is masked.
+pub fn scaled_dot_product_attention_with_weights(
+    q: ArrayView4<f32>,
+    k: ArrayView4<f32>,
+    v: ArrayView4<f32>,
+    mask: &Mask,
+) -> Result<(Array4<f32>, Array4<f32>)> {
+    let (b, h, tgt_len, src_len) = check_shapes(q, k, v, mask)?;
+    let mut out = Array4::zeros((b, h, tgt_len, v.shape()[3]));
+    let mut weights = Array4::zeros((b, h, tgt_len, src_len));
+    attend_into(q, k, v, mask, out.view_mut(), Some(weights.view_mut()));
+    Ok((out, weights))
+}
+
+fn check_shapes(
+    q: ArrayView4<f32>,
+    k: ArrayView4<f32>,
+    v: ArrayView4<f32>,
+    mask: &Mask,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, h, tgt_len, d_k) = q.dim();
+    let src_len = k.shape()[2];
+    if k.shape() != [b, h, src_len, d_k] {
+        return Err(Error::shape(
+            "keys",
+            format!("[batch, num_heads, src_len, d_k] = [{b}, {h}, _, {d_k}]"),
+            k.shape(),
+        ));
+    }
+    if v.shape()[..3] != [b, h, src_len] {
+        return Err(Error::shape(
+            "values",
+            format!("[batch, num_heads, src_len, d_v] = [{b}, {h}, {src_len}, _]"),
+            v.shape(),
+        ));
+    }
+    mask.check(b, tgt_len, src_len)?;
+    Ok((b, h, tgt_len, src_len))
+}
+
+/// The kernel behind every attention call, shapes already checked: writes the attention
+/// output into `out` and, when given, the weights into `weights`.
+///
+/// Batch rows and heads run in parallel; the inputs may be strided views (heads split out of
+/// a `[batch, len, d_model]` projection without copies).
+pub(crate) fn attend_into(
+    q: ArrayView4<f32>,
+    k: ArrayView4<f32>,
+    v: ArrayView4<f32>,
+    mask: &Mask,
+    mut out: ArrayViewMut4<f32>,
+    weights: Option<ArrayViewMut4<f32>>,
+) {
+    let scale = 1.0 / (q.shape()[3] as f32).sqrt();
+    let (tgt_len, src_len) = (q.shape()[2], k.shape()[2]);
+    let per_head = |b: usize,
+                    q: ArrayView2<f32>,
+                    k: ArrayView2<f32>,
+                    v: ArrayView2<f32>,
+                    mut o: ArrayViewMut2<f32>,
+                    mut s: ArrayViewMut2<f32>| {
+        // scores = Q Kᵀ / √d_k, masked, soft-maxed row by row; then out = weights · V.
+        ops::matmul_into(q, k.t(), 0.0, &mut s);
+        s *= scale;
+        mask.apply(b, s.view_mut());
+        ops::softmax_rows_inplace(s.view_mut());
+        ops::matmul_into(s.view(), v, 0.0, &mut o);
+    };
+    match weights {
+        Some(mut w) => Zip::indexed(out.axis_iter_mut(Axis(0)))
+            .and(q.axis_iter(Axis(0)))
+            .and(k.axis_iter(Axis(0)))
+            .and(v.axis_iter(Axis(0)))
+            .and(w.axis_iter_mut(Axis(0)))
+            .par_for_each(|b, mut o, q, k, v, mut w| {
+                Zip::from(o.axis_iter_mut(Axis(0)))
+                    .and(q.axis_iter(Axis(0)))
+                    .and(k.axis_iter(Axis(0)))
+                    .and(v.axis_iter(Axis(0)))
+                    .and(w.axis_iter_mut(Axis(0)))
+                    .par_for_each(|o, q, k, v, s| per_head(b, q, k, v, o, s));
+            }),
+        None => Zip::indexed(out.axis_iter_mut(Axis(0)))
+            .and(q.axis_iter(Axis(0)))
+            .and(k.axis_iter(Axis(0)))
+            .and(v.axis_iter(Axis(0)))
+            .par_for_each(|b, mut o, q, k, v| {
+                Zip::from(o.axis_iter_mut(Axis(0)))
+                    .and(q.axis_iter(Axis(0)))
+                    .and(k.axis_iter(Axis(0)))
+                    .and(v.axis_iter(Axis(0)))
+                    .par_for_each(|o, q, k, v| {
+                        let mut s = Array2::zeros((tgt_len, src_len));
+                        per_head(b, q, k, v, o, s.view_mut());
+                    });
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::KeyPaddingMask;
+    use approx::assert_abs_diff_eq;
+    use ndarray::{s, Array4};
+
+    fn pseudo_random(shape: (usize, usize, usize, usize), seed: u32) -> Array4<f32> {
+        Array4::from_shape_fn(shape, |(a, b, c, d)| {
+            let x = (a * 131 + b * 71 + c * 29 + d * 7) as u32 ^ seed.wrapping_mul(2654435761);
+            ((x.wrapping_mul(2246822519) >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
+        })
+    }
+
+    /// Eq. 1 written out with loops, for one batch row and head.
+    fn naive(q: ArrayView2<f32>, k: ArrayView2<f32>, v: ArrayView2<f32>) -> Array2<f32> {
+        let d_k = q.ncols() as f32;
+        let mut out = Array2::zeros((q.nrows(), v.ncols()));
+        for i in 0..q.nrows() {
+            let scores: Vec<f32> = (0..k.nrows())
+                .map(|j| q.row(i).dot(&k.row(j)) / d_k.sqrt())
+                .collect();
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f32 = exps.iter().sum();
+            for (e, v_j) in exps.iter().zip(v.rows()) {
+                out.row_mut(i).scaled_add(e / sum, &v_j);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_equation_1() {
+        let q = pseudo_random((2, 3, 4, 8), 1);
+        let k = pseudo_random((2, 3, 6, 8), 2);
+        let v = pseudo_random((2, 3, 6, 5), 3);
+        let (out, w) =
+            scaled_dot_product_attention_with_weights(q.view(), k.view(), v.view(), &Mask::none())
+                .unwrap();
+        for b in 0..2 {
+            for h in 0..3 {
+                let expect = naive(
+                    q.slice(s![b, h, .., ..]),
+                    k.slice(s![b, h, .., ..]),
+                    v.slice(s![b, h, .., ..]),
+                );
+                assert_abs_diff_eq!(out.slice(s![b, h, .., ..]), expect, epsilon = 1e-5);
+            }
+        }
+        for row in w.rows() {
+            assert_abs_diff_eq!(row.sum(), 1.0, epsilon = 1e-5);
+        }
+        let out2 =
+            scaled_dot_product_attention(q.view(), k.view(), v.view(), &Mask::none()).unwrap();
+        assert_eq!(out, out2);
+    }
+
+    #[test]
+    fn masked_keys_do_not_contribute() {
+        let q = pseudo_random((1, 2, 3, 4), 4);
+        let k = pseudo_random((1, 2, 5, 4), 5);
+        let v = pseudo_random((1, 2, 5, 4), 6);
+        let kp = KeyPaddingMask::from_lengths(&[3], 5).unwrap();
+        let masked = scaled_dot_product_attention(
+            q.view(),
+            k.view(),
+            v.view(),
+            &Mask::none().with_key_padding(&kp),
+        )
+        .unwrap();
+        let short = scaled_dot_product_attention(
+            q.view(),
+            k.slice(s![.., .., ..3, ..]),
+            v.slice(s![.., .., ..3, ..]),
+            &Mask::none(),
+        )
+        .unwrap();
+        assert_abs_diff_eq!(masked, short, epsilon = 1e-6);
+    }
+
+    #[test]
+    fn fully_masked_row_gives_zeros_not_nan() {
+        let q = pseudo_random((1, 1, 2, 4), 7);
+        let kv = pseudo_random((1, 1, 3, 4), 8);
+        let kp = KeyPaddingMask::from_lengths(&[0], 3).unwrap();
+        let (out, w) = scaled_dot_product_attention_with_weights(
+            q.view(),
+            kv.view(),
+            kv.view(),
+            &Mask::none().with_key_padding(&kp),
+        )
+        .unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+        assert!(w.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let q = Array4::<f32>::zeros((1, 2, 3, 4));
+        let k = Array4::<f32>::zeros((1, 2, 5, 3));
+        assert!(scaled_dot_product_attention(q.view(), k.view(), k.view(), &Mask::none()).is_err());
+        let k = Array4::<f32>::zeros((2, 2, 5, 4));
+        assert!(scaled_dot_product_attention(q.view(), k.view(), k.view(), &Mask::none()).is_err());
+    }
+}

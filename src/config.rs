@@ -1,0 +1,270 @@
+//! Model hyper-parameters, with the paper's presets (Table 3) and validation.
+
+use crate::error::{Error, Result};
+
+/// The non-linearity inside the position-wise feed-forward network (§3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// `max(0, x)`, the paper's choice (Eq. 2).
+    #[default]
+    Relu,
+    /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as PyTorch's `activation="gelu"`.
+    Gelu,
+}
+
+/// Where each sub-layer's LayerNorm sits relative to its residual connection (§3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NormPosition {
+    /// The paper's order: `LayerNorm(x + Sublayer(x))`. PyTorch's `norm_first=False`.
+    #[default]
+    Post,
+    /// `x + Sublayer(LayerNorm(x))`, which trains more stably in deep stacks.
+    /// PyTorch's `norm_first=True`.
+    Pre,
+}
+
+/// Every hyper-parameter of a [`Transformer`](crate::Transformer).
+///
+/// Field names follow the paper: `d_model`, `num_heads` (h), `d_ff`, and N as
+/// `num_encoder_layers` / `num_decoder_layers`.
+///
+/// ```
+/// use ndtransformer::TransformerConfig;
+/// let config = TransformerConfig::base(32000, 32000);
+/// assert_eq!((config.d_model, config.num_heads, config.d_ff), (512, 8, 2048));
+/// config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    /// Width of every token representation.
+    pub d_model: usize,
+    /// Number of attention heads h; `d_model` must be divisible by it (§3.2.2).
+    pub num_heads: usize,
+    /// Inner width of the feed-forward network (§3.3).
+    pub d_ff: usize,
+    /// Number of encoder layers N.
+    pub num_encoder_layers: usize,
+    /// Number of decoder layers N.
+    pub num_decoder_layers: usize,
+    /// Source vocabulary size.
+    pub src_vocab: usize,
+    /// Target vocabulary size (the width of the logits).
+    pub tgt_vocab: usize,
+    /// Longest sequence the positional-encoding table covers (§3.5).
+    pub max_len: usize,
+    /// Feed-forward non-linearity.
+    pub activation: Activation,
+    /// Post-LN (paper) or pre-LN residual blocks.
+    pub norm_position: NormPosition,
+    /// The epsilon LayerNorm adds to the variance (PyTorch's `layer_norm_eps`).
+    pub layer_norm_eps: f32,
+    /// One embedding matrix for source and target (§3.4); needs `src_vocab == tgt_vocab`.
+    pub share_embeddings: bool,
+    /// The output projection reuses the target embedding matrix (§3.4).
+    pub tie_output_projection: bool,
+}
+
+impl TransformerConfig {
+    /// The paper's base model (Table 3): N = 6, d_model 512, d_ff 2048, h 8.
+    pub fn base(src_vocab: usize, tgt_vocab: usize) -> Self {
+        TransformerConfig {
+            d_model: 512,
+            num_heads: 8,
+            d_ff: 2048,
+            num_encoder_layers: 6,
+            num_decoder_layers: 6,
+            src_vocab,
+            tgt_vocab,
+            max_len: 5000,
+            activation: Activation::Relu,
+            norm_position: NormPosition::Post,
+            layer_norm_eps: 1e-5,
+            share_embeddings: false,
+            tie_output_projection: false,
+        }
+    }
+
+    /// The paper's big model (Table 3): N = 6, d_model 1024, d_ff 4096, h 16.
+    pub fn big(src_vocab: usize, tgt_vocab: usize) -> Self {
+        TransformerConfig {
+            d_model: 1024,
+            num_heads: 16,
+            d_ff: 4096,
+            ..Self::base(src_vocab, tgt_vocab)
+        }
+    }
+
+    /// Width of each head's queries, keys and values: `d_k = d_v = d_model / num_heads`.
+    pub fn d_k(&self) -> usize {
+        self.d_model / self.num_heads.max(1)
+    }
+
+    /// Checks every field; the error names the first bad field and its value.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("d_model", self.d_model),
+            ("num_heads", self.num_heads),
+            ("d_ff", self.d_ff),
+            ("num_encoder_layers", self.num_encoder_layers),
+            ("num_decoder_layers", self.num_decoder_layers),
+            ("src_vocab", self.src_vocab),
+            ("tgt_vocab", self.tgt_vocab),
+            ("max_len", self.max_len),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(Error::config(
+                    field,
+                    format!("{field} is 0, it must be at least 1"),
+                ));
+            }
+        }
+        validate_heads(self.d_model, self.num_heads)?;
+        validate_eps(self.layer_norm_eps)?;
+        if self.src_vocab > u32::MAX as usize + 1 {
+            return Err(Error::config(
+                "src_vocab",
+                format!(
+                    "src_vocab {} exceeds the u32 token-id range",
+                    self.src_vocab
+                ),
+            ));
+        }
+        if self.tgt_vocab > u32::MAX as usize + 1 {
+            return Err(Error::config(
+                "tgt_vocab",
+                format!(
+                    "tgt_vocab {} exceeds the u32 token-id range",
+                    self.tgt_vocab
+                ),
+            ));
+        }
+        if self.share_embeddings && self.src_vocab != self.tgt_vocab {
+            return Err(Error::config(
+                "share_embeddings",
+                format!(
+                    "share_embeddings needs src_vocab == tgt_vocab, found src_vocab {} and tgt_vocab {}",
+                    self.src_vocab, self.tgt_vocab
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn validate_heads(d_model: usize, num_heads: usize) -> Result<()> {
+    if num_heads == 0 {
+        return Err(Error::config(
+            "num_heads",
+            "num_heads is 0, it must be at least 1",
+        ));
+    }
+    if d_model == 0 {
+        return Err(Error::config(
+            "d_model",
+            "d_model is 0, it must be at least 1",
+        ));
+    }
+    if d_model % num_heads != 0 {
+        return Err(Error::config(
+            "d_model",
+            format!("d_model {d_model} is not divisible by num_heads {num_heads}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_eps(eps: f32) -> Result<()> {
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::config(
+            "layer_norm_eps",
+            format!("layer_norm_eps {eps} must be finite and positive"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_table_3() {
+        let b = TransformerConfig::base(100, 200);
+        assert_eq!(
+            (b.num_encoder_layers, b.d_model, b.d_ff, b.num_heads),
+            (6, 512, 2048, 8)
+        );
+        assert_eq!(b.d_k(), 64);
+        let g = TransformerConfig::big(100, 200);
+        assert_eq!(
+            (g.num_encoder_layers, g.d_model, g.d_ff, g.num_heads),
+            (6, 1024, 4096, 16)
+        );
+        assert_eq!(g.d_k(), 64);
+        b.validate().unwrap();
+        g.validate().unwrap();
+    }
+
+    #[test]
+    fn indivisible_heads_name_both_values() {
+        let c = TransformerConfig {
+            d_model: 510,
+            ..TransformerConfig::base(10, 10)
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("d_model 510 is not divisible by num_heads 8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_fields_are_named() {
+        for field in [
+            "d_ff",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "max_len",
+            "tgt_vocab",
+        ] {
+            let mut c = TransformerConfig::base(10, 10);
+            match field {
+                "d_ff" => c.d_ff = 0,
+                "num_encoder_layers" => c.num_encoder_layers = 0,
+                "num_decoder_layers" => c.num_decoder_layers = 0,
+                "max_len" => c.max_len = 0,
+                _ => c.tgt_vocab = 0,
+            }
+            match c.validate() {
+                Err(Error::Config { field: f, reason }) => {
+                    assert_eq!(f, field);
+                    assert!(reason.contains("is 0"), "{reason}");
+                }
+                other => panic!("{field}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_eps_and_shared_vocab_are_rejected() {
+        let c = TransformerConfig {
+            layer_norm_eps: -1.0,
+            ..TransformerConfig::base(10, 10)
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("layer_norm_eps -1"));
+        let c = TransformerConfig {
+            share_embeddings: true,
+            ..TransformerConfig::base(10, 12)
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("src_vocab 10") && msg.contains("tgt_vocab 12"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! # ndtransformer
+//!
+//! The Transformer of *Attention Is All You Need* (Vaswani et al., 2017) on the CPU, built on
+//! [`ndarray`], giving the same numbers as PyTorch's `nn.Transformer` on the same weights.
+//!
+//! ## The architecture, file by file (Figure 1)
+//!
+//! ```text
+//!  source ids [batch, src_len]               target ids [batch, tgt_len]
+//!        │ embedding.rs  (× √d_model, §3.4)        │
+//!        │ positional.rs (sinusoids, §3.5)         │
+//!        ▼                                         ▼
+//!  ┌ encoder.rs (§3.1) ×N ┐              ┌ decoder.rs (§3.1) ×N ──────────┐
+//!  │ self-attention       │              │ masked self-attention (mask.rs) │
+//!  │ feed_forward.rs      │── memory ──▶ │ cross-attention over memory     │
+//!  └──────────────────────┘              │ feed_forward.rs                 │
+//!                                        └─────────────────────────────────┘
+//!                                                  │ transformer.rs: output projection
+//!                                                  ▼
+//!                                       logits [batch, tgt_len, tgt_vocab]
+//! ```
+//!
+//! - [`attention`]: scaled dot-product attention (§3.2.1, Eq. 1) and multi-head attention (§3.2.2).
+//! - [`mask`]: causal and padding masks, one convention (true = hidden).
+//! - [`LayerNorm`] and the residual connections wrap every sub-layer, post-LN (the paper) or
+//!   pre-LN ([`NormPosition`]).
+//! - [`weights`]: safetensors in PyTorch's state-dict names.
+//! - `ops.rs` (private) holds every matrix product, softmax and norm kernel.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use ndarray::array;
+//! use rand::{rngs::StdRng, SeedableRng};
+//! use ndtransformer::{KeyPaddingMask, Transformer, TransformerConfig};
+//!
+//! let config = TransformerConfig { num_encoder_layers: 1, num_decoder_layers: 1, ..TransformerConfig::base(100, 100) };
+//! let model = Transformer::new(config, &mut StdRng::seed_from_u64(42))?;
+//! let src = array![[5u32, 17, 42, 3], [8, 9, 0, 0]];
+//! let src_padding = KeyPaddingMask::from_lengths(&[4, 2], 4)?;
+//! let memory = model.encode(src.view(), Some(&src_padding))?;          // [2, 4, 512]
+//! let tgt = array![[1u32, 7], [1, 4]];
+//! let hidden = model.decode(tgt.view(), memory.view(), Some(&src_padding), None)?;
+//! let logits = model.project(hidden.view())?;                           // [2, 2, 100]
+//! assert_eq!(logits.shape(), &[2, 2, 100]);
+//! # Ok::<(), ndtransformer::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod attention;
+mod config;
+mod decoder;
+mod embedding;
+mod encoder;
+mod error;
+mod feed_forward;
+pub mod init;
+mod layer_norm;
+mod linear;
+pub mod mask;
+mod ops;
+mod positional;
+mod residual;
+mod transformer;
+pub mod weights;
+
+pub use attention::{
+    scaled_dot_product_attention, scaled_dot_product_attention_with_weights, MultiHeadAttention,
+};
+pub use config::{Activation, NormPosition, TransformerConfig};
+pub use decoder::{Decoder, DecoderLayer, DecoderTrace};
+pub use embedding::Embedding;
+pub use encoder::{Encoder, EncoderLayer, EncoderTrace};
+pub use error::{Error, Result};
+pub use feed_forward::FeedForward;
+pub use layer_norm::LayerNorm;
+pub use linear::Linear;
+pub use mask::{AttnMask, KeyPaddingMask, Mask};
+pub use positional::PositionalEncoding;
+pub use transformer::{Transformer, TransformerTrace};
+pub use weights::LoadOptions;

@@ -1,0 +1,172 @@
+//! The affine map `y = x Wᵀ + b` used by every projection of the model.
+
+use ndarray::{Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, Dimension, IxDyn};
+use rand::Rng;
+
+use crate::error::{Error, Result};
+use crate::{init, ops};
+
+/// A fully connected layer, `y = x Wᵀ + b`, with the weight in PyTorch's `[out, in]` layout.
+///
+/// ```
+/// use ndarray::{array, Array3};
+/// use ndtransformer::Linear;
+/// let linear = Linear::new(array![[1.0f32, 0.0], [1.0, 1.0], [0.0, 2.0]], Some(array![0.0f32, 0.5, 0.0]))?;
+/// let x = Array3::<f32>::ones((4, 5, 2)); // [batch, seq, in]
+/// let y = linear.forward(x.view())?;      // [batch, seq, out]
+/// assert_eq!(y.shape(), &[4, 5, 3]);
+/// assert_eq!(y[[0, 0, 1]], 2.5);
+/// # Ok::<(), ndtransformer::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Linear {
+    weight: Array2<f32>,
+    bias: Option<Array1<f32>>,
+}
+
+impl Linear {
+    /// A layer from ready tensors: `weight: [out, in]`, `bias: [out]`.
+    pub fn new(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Result<Self> {
+        if let Some(b) = &bias {
+            if b.len() != weight.nrows() {
+                return Err(Error::shape(
+                    "linear bias",
+                    format!(
+                        "[out] = [{}] to match weight {:?}",
+                        weight.nrows(),
+                        weight.shape()
+                    ),
+                    b.shape(),
+                ));
+            }
+        }
+        Ok(Linear { weight, bias })
+    }
+
+    /// A freshly initialised layer: Xavier-uniform weight, zero bias when `bias` is set.
+    pub fn init<R: Rng + ?Sized>(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        rng: &mut R,
+    ) -> Self {
+        let weight =
+            init::xavier_uniform(out_features, in_features, in_features, out_features, rng);
+        Self::from_parts(weight, bias.then(|| Array1::zeros(out_features)))
+    }
+
+    pub(crate) fn from_parts(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Self {
+        debug_assert!(bias.as_ref().is_none_or(|b| b.len() == weight.nrows()));
+        Linear { weight, bias }
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.ncols()
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.nrows()
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> ArrayView2<'_, f32> {
+        self.weight.view()
+    }
+
+    /// The bias, `[out]`, if the layer has one.
+    pub fn bias(&self) -> Option<ArrayView1<'_, f32>> {
+        self.bias.as_ref().map(|b| b.view())
+    }
+
+    /// Applies the layer over any leading batch dimensions.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in]`
+    /// - returns `[..., out]`
+    ///
+    /// # Errors
+    /// [`Error::Shape`] if `x` has no axes or its last axis is not `in_features`.
+    pub fn forward<D: Dimension>(&self, x: ArrayView<f32, D>) -> Result<Array<f32, D>> {
+        let in_features = self.in_features();
+        let Some((&last, lead)) = x.shape().split_last() else {
+            return Err(Error::shape(
+                "linear input",
+                format!("[..., {in_features}]"),
+                x.shape(),
+            ));
+        };
+        if last != in_features {
+            return Err(Error::shape(
+                "linear input",
+                format!("[..., {in_features}]"),
+                x.shape(),
+            ));
+        }
+        let rows: usize = lead.iter().product();
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("at least one axis") = self.out_features();
+        let x = x.as_standard_layout();
+        let x2 = x
+            .view()
+            .into_shape_with_order((rows, in_features))
+            .expect("standard layout");
+        let y = self.forward_2d(x2);
+        Ok(y.into_shape_with_order(IxDyn(&out_shape))
+            .expect("same element count")
+            .into_dimensionality::<D>()
+            .expect("same rank as the input"))
+    }
+
+    /// `[rows, in] → [rows, out]` without shape checks (callers have checked).
+    pub(crate) fn forward_2d(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        let mut y = Array2::zeros((x.nrows(), self.out_features()));
+        ops::linear_into(x, self.weight.view(), self.bias(), &mut y.view_mut());
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array1, Array4};
+    use rand::{rngs::StdRng, SeedableRng};
+
+    #[test]
+    fn works_over_any_leading_dims_and_without_bias() {
+        let w = array![[1.0f32, 2.0], [3.0, 4.0]];
+        let l = Linear::new(w, None).unwrap();
+        let x = Array4::from_shape_fn((2, 3, 1, 2), |(a, b, _, d)| (a + b + d) as f32);
+        let y = l.forward(x.view()).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 1, 2]);
+        let (x0, x1) = (x[[1, 2, 0, 0]], x[[1, 2, 0, 1]]);
+        assert_eq!(y[[1, 2, 0, 0]], x0 + 2.0 * x1);
+        assert_eq!(y[[1, 2, 0, 1]], 3.0 * x0 + 4.0 * x1);
+        // A 1-D input is one row.
+        let v = l.forward(array![1.0f32, 1.0].view()).unwrap();
+        assert_eq!(v, array![3.0, 7.0]);
+    }
+
+    #[test]
+    fn transposed_input_gives_the_same_result() {
+        let l = Linear::init(3, 2, true, &mut StdRng::seed_from_u64(1));
+        let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32);
+        let xt = x.t().to_owned();
+        let y1 = l.forward(xt.view()).unwrap();
+        let y2 = l.forward(x.t()).unwrap();
+        assert_eq!(y1, y2);
+    }
+
+    #[test]
+    fn shape_errors_name_the_widths() {
+        let l = Linear::init(3, 2, true, &mut StdRng::seed_from_u64(1));
+        let err = l.forward(Array2::<f32>::zeros((2, 4)).view()).unwrap_err();
+        assert!(
+            err.to_string().contains("[2, 4]") && err.to_string().contains("[..., 3]"),
+            "{err}"
+        );
+        let err = Linear::new(Array2::zeros((2, 3)), Some(Array1::zeros(3))).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
+    }
+}

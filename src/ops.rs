@@ -1,0 +1,201 @@
+//! The numerical kernels: every matrix product, softmax, LayerNorm and activation of the crate.
+//!
+//! Layers call these and never `dot` or a GEMM directly, so the choice of matrix-multiply
+//! backend is made in this one file. All kernels work on `f32` and accept strided views; a
+//! row-wise kernel walks rows and keeps each row's arithmetic in one place.
+
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
+
+/// `c = a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`.
+///
+/// Any strides are accepted, so a transposed weight (`w.t()`) or one head's slice of a
+/// `[batch, len, num_heads, d_k]` tensor goes in without a copy.
+pub(crate) fn matmul_into(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    debug_assert_eq!(a.ncols(), b.nrows());
+    debug_assert_eq!((a.nrows(), b.ncols()), c.dim());
+    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, c);
+}
+
+/// `y = x · wᵀ + bias` into `y`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout), `y: [rows, out]`.
+pub(crate) fn linear_into(
+    x: ArrayView2<f32>,
+    w: ArrayView2<f32>,
+    bias: Option<ArrayView1<f32>>,
+    y: &mut ArrayViewMut2<f32>,
+) {
+    let beta = match bias {
+        Some(b) => {
+            let dim = y.dim();
+            y.assign(&b.broadcast(dim).expect("bias length equals output width"));
+            1.0
+        }
+        None => 0.0,
+    };
+    matmul_into(x, w.t(), beta, y);
+}
+
+/// Numerically stable softmax of each row, in place (§3.2.1).
+///
+/// Entries equal to `-inf` are masked keys and get probability 0. A row whose entries are all
+/// `-inf` (every key masked) becomes all zeros instead of NaN: the crate's one rule for a fully
+/// masked row, so the attention output of such a query is the zero vector.
+pub(crate) fn softmax_rows_inplace(mut scores: ArrayViewMut2<f32>) {
+    for row in scores.rows_mut() {
+        softmax_inplace(row);
+    }
+}
+
+/// Softmax of one vector in place; see [`softmax_rows_inplace`] for the masked-row rule.
+pub(crate) fn softmax_inplace(mut row: ArrayViewMut1<f32>) {
+    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f32;
+    row.mapv_inplace(|v| {
+        let e = (v - max).exp();
+        sum += e;
+        e
+    });
+    let inv = 1.0 / sum;
+    row.mapv_inplace(|v| v * inv);
+}
+
+/// Log-softmax of each row in place: `x - max - ln Σ exp(x - max)`, stable for large logits.
+pub(crate) fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
+    for mut row in x.rows_mut() {
+        let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        let shift = max + sum.ln();
+        row.mapv_inplace(|v| v - shift);
+    }
+}
+
+/// LayerNorm of each row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
+/// biased variance and eps inside the square root, as PyTorch computes it.
+pub(crate) fn layer_norm_rows_inplace(
+    mut x: ArrayViewMut2<f32>,
+    gamma: ArrayView1<f32>,
+    beta: ArrayView1<f32>,
+    eps: f32,
+) {
+    let n = x.ncols() as f32;
+    for mut row in x.rows_mut() {
+        let mean = row.sum() / n;
+        let var = row.fold(0.0f32, |acc, &v| acc + (v - mean) * (v - mean)) / n;
+        let inv_std = 1.0 / (var + eps).sqrt();
+        Zip::from(&mut row)
+            .and(&gamma)
+            .and(&beta)
+            .for_each(|v, &g, &b| *v = (*v - mean) * inv_std * g + b);
+    }
+}
+
+/// `max(0, x)` in place.
+pub(crate) fn relu_inplace(mut x: ArrayViewMut2<f32>) {
+    x.mapv_inplace(|v| v.max(0.0));
+}
+
+/// Exact GELU in place: `0.5·x·(1 + erf(x/√2))`, evaluated in f64 so the f32 result is
+/// correctly rounded (PyTorch's `approximate="none"`).
+pub(crate) fn gelu_inplace(mut x: ArrayViewMut2<f32>) {
+    x.mapv_inplace(|v| {
+        let v = v as f64;
+        (0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use approx::assert_abs_diff_eq;
+    use ndarray::{array, Array2};
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut x = array![
+            [1.0f32, 2.0, 3.0],
+            [1000.0, 1000.0, -1000.0],
+            [-5.0, 0.0, 5.0]
+        ];
+        softmax_rows_inplace(x.view_mut());
+        for row in x.rows() {
+            assert_abs_diff_eq!(row.sum(), 1.0, epsilon = 1e-6);
+            assert!(row.iter().all(|&p| (0.0..=1.0).contains(&p)));
+        }
+        assert_abs_diff_eq!(x[[1, 0]], 0.5, epsilon = 1e-6);
+        assert!(x[[0, 2]] > x[[0, 1]] && x[[0, 1]] > x[[0, 0]]);
+    }
+
+    #[test]
+    fn masked_entries_get_zero_and_fully_masked_rows_are_zero() {
+        let ninf = f32::NEG_INFINITY;
+        let mut x = array![[0.0f32, ninf, 0.0], [ninf, ninf, ninf]];
+        softmax_rows_inplace(x.view_mut());
+        assert_eq!(x.row(0).to_vec(), vec![0.5, 0.0, 0.5]);
+        assert_eq!(x.row(1).to_vec(), vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn log_softmax_is_log_of_softmax_and_stable() {
+        let x = array![[1.0f32, 2.0, 3.0], [1e4, 0.0, -1e4]];
+        let mut lp = x.clone();
+        log_softmax_rows_inplace(lp.view_mut());
+        let mut p = x.clone();
+        softmax_rows_inplace(p.view_mut());
+        assert_abs_diff_eq!(lp.row(0).mapv(f32::exp), p.row(0), epsilon = 1e-6);
+        assert!(lp.iter().all(|v| v.is_finite()));
+        assert_abs_diff_eq!(lp[[1, 0]], 0.0, epsilon = 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_normalises_with_eps_on_variance() {
+        let mut x = array![[1.0f32, 2.0, 3.0, 4.0]];
+        let eps = 0.5;
+        layer_norm_rows_inplace(
+            x.view_mut(),
+            array![1.0f32, 1.0, 1.0, 1.0].view(),
+            array![0.0f32, 0.0, 0.0, 0.0].view(),
+            eps,
+        );
+        // mean 2.5, biased variance 1.25: eps is added to the variance, not the std.
+        let inv = 1.0 / (1.25f32 + eps).sqrt();
+        assert_abs_diff_eq!(
+            x,
+            array![[-1.5 * inv, -0.5 * inv, 0.5 * inv, 1.5 * inv]],
+            epsilon = 1e-6
+        );
+    }
+
+    #[test]
+    fn linear_matches_naive_product() {
+        let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 * 0.1);
+        let w = Array2::from_shape_fn((2, 4), |(o, i)| (o as f32 - i as f32) * 0.3);
+        let b = array![0.5f32, -1.0];
+        let mut y = Array2::zeros((3, 2));
+        linear_into(x.view(), w.view(), Some(b.view()), &mut y.view_mut());
+        for r in 0..3 {
+            for o in 0..2 {
+                let expect: f32 = (0..4).map(|i| x[[r, i]] * w[[o, i]]).sum::<f32>() + b[o];
+                assert_abs_diff_eq!(y[[r, o]], expect, epsilon = 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_matches_known_values() {
+        let mut x = array![[-1.0f32, 0.0, 1.0, 3.0]];
+        gelu_inplace(x.view_mut());
+        assert_abs_diff_eq!(
+            x,
+            array![[-0.158_655_26f32, 0.0, 0.841_344_7, 2.995_950_3]],
+            epsilon = 1e-6
+        );
+    }
+}

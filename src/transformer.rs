@@ -1,0 +1,574 @@
+//! The whole model of Figure 1: embeddings and positional encoding, encoder, decoder, and the
+//! output projection to vocabulary logits (§3, §3.4).
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis};
+use rand::Rng;
+
+use crate::config::TransformerConfig;
+use crate::decoder::{check_decoder_inputs, Decoder, DecoderLayer, DecoderTrace};
+use crate::embedding::{check_ids, Embedding};
+use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
+use crate::error::{Error, Result};
+use crate::layer_norm::LayerNorm;
+use crate::mask::{KeyPaddingMask, Mask};
+use crate::ops;
+use crate::positional::PositionalEncoding;
+
+/// The Transformer: token ids in, next-token logits out.
+///
+/// Data flows `ids → embedding·√d_model + PE → encoder → memory → decoder → projection → logits`.
+///
+/// ```
+/// use ndarray::array;
+/// use rand::{rngs::StdRng, SeedableRng};
+/// use ndtransformer::{KeyPaddingMask, Transformer, TransformerConfig};
+///
+/// let config = TransformerConfig {
+///     d_model: 16, num_heads: 4, d_ff: 32, num_encoder_layers: 2, num_decoder_layers: 2,
+///     ..TransformerConfig::base(11, 13)
+/// };
+/// let model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
+/// let src = array![[5u32, 6, 7, 2], [3, 9, 0, 0]];          // [batch, src_len]
+/// let src_padding = KeyPaddingMask::from_lengths(&[4, 2], 4)?;
+/// let tgt = array![[1u32, 4, 8], [1, 12, 3]];               // [batch, tgt_len]
+/// let logits = model.forward(src.view(), tgt.view(), Some(&src_padding), None)?;
+/// assert_eq!(logits.shape(), &[2, 3, 13]);                  // [batch, tgt_len, tgt_vocab]
+/// # Ok::<(), ndtransformer::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transformer {
+    config: TransformerConfig,
+    pub(crate) src_embed: Embedding,
+    /// `None` when the source and target share one table (`share_embeddings`).
+    pub(crate) tgt_embed: Option<Embedding>,
+    positional: PositionalEncoding,
+    pub(crate) encoder: Encoder,
+    pub(crate) decoder: Decoder,
+    /// `[tgt_vocab, d_model]`; `None` when tied to the target embedding.
+    pub(crate) generator_weight: Option<Array2<f32>>,
+    pub(crate) generator_bias: Array1<f32>,
+}
+
+/// Every intermediate of one [`Transformer::forward_traced`] call.
+#[derive(Debug, Clone)]
+pub struct TransformerTrace {
+    /// Encoder input, `[batch, src_len, d_model]`.
+    pub src_embedded: Array3<f32>,
+    /// Decoder input, `[batch, tgt_len, d_model]`.
+    pub tgt_embedded: Array3<f32>,
+    /// Encoder layer outputs, self-attention weights and the memory.
+    pub encoder: EncoderTrace,
+    /// Decoder layer outputs, self- and cross-attention weights and the decoder output.
+    pub decoder: DecoderTrace,
+    /// `[batch, tgt_len, tgt_vocab]`.
+    pub logits: Array3<f32>,
+}
+
+impl Transformer {
+    /// A freshly initialised model (see [`crate::init`] for the scheme); the same RNG state
+    /// gives the same model.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `config.validate()` fails.
+    pub fn new<R: Rng + ?Sized>(config: TransformerConfig, rng: &mut R) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let src_embed = Embedding::init(c.src_vocab, c.d_model, rng);
+        let tgt_embed = (!c.share_embeddings).then(|| Embedding::init(c.tgt_vocab, c.d_model, rng));
+        let encoder_layers = (0..c.num_encoder_layers)
+            .map(|_| {
+                EncoderLayer::init(
+                    c.d_model,
+                    c.num_heads,
+                    c.d_ff,
+                    c.activation,
+                    c.norm_position,
+                    c.layer_norm_eps,
+                    rng,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let decoder_layers = (0..c.num_decoder_layers)
+            .map(|_| {
+                DecoderLayer::init(
+                    c.d_model,
+                    c.num_heads,
+                    c.d_ff,
+                    c.activation,
+                    c.norm_position,
+                    c.layer_norm_eps,
+                    rng,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let encoder = Encoder::new(
+            encoder_layers,
+            Some(LayerNorm::identity(c.d_model, c.layer_norm_eps)?),
+        )?;
+        let decoder = Decoder::new(
+            decoder_layers,
+            Some(LayerNorm::identity(c.d_model, c.layer_norm_eps)?),
+        )?;
+        let generator_weight = (!c.tie_output_projection).then(|| {
+            crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng)
+        });
+        let generator_bias = Array1::zeros(c.tgt_vocab);
+        Self::from_parts(
+            config,
+            src_embed,
+            tgt_embed,
+            encoder,
+            decoder,
+            generator_weight,
+            generator_bias,
+        )
+    }
+
+    /// Assembles a model from loaded parts, checking them against the config.
+    pub(crate) fn from_parts(
+        config: TransformerConfig,
+        src_embed: Embedding,
+        tgt_embed: Option<Embedding>,
+        encoder: Encoder,
+        decoder: Decoder,
+        generator_weight: Option<Array2<f32>>,
+        generator_bias: Array1<f32>,
+    ) -> Result<Self> {
+        config.validate()?;
+        debug_assert_eq!(tgt_embed.is_none(), config.share_embeddings);
+        debug_assert_eq!(generator_weight.is_none(), config.tie_output_projection);
+        let positional = PositionalEncoding::new(config.max_len, config.d_model);
+        Ok(Transformer {
+            config,
+            src_embed,
+            tgt_embed,
+            positional,
+            encoder,
+            decoder,
+            generator_weight,
+            generator_bias,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.config
+    }
+
+    /// The encoder stack (for custom masks, see [`Encoder::forward`]).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The decoder stack (for custom masks, see [`Decoder::forward`]).
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// The source embedding.
+    pub fn src_embedding(&self) -> &Embedding {
+        &self.src_embed
+    }
+
+    /// The target embedding (the source one when they are shared).
+    pub fn tgt_embedding(&self) -> &Embedding {
+        self.tgt_embed.as_ref().unwrap_or(&self.src_embed)
+    }
+
+    /// The positional-encoding table.
+    pub fn positional_encoding(&self) -> &PositionalEncoding {
+        &self.positional
+    }
+
+    /// The output projection's weight `[tgt_vocab, d_model]` (the target embedding when tied).
+    pub fn output_weight(&self) -> ArrayView2<'_, f32> {
+        match &self.generator_weight {
+            Some(w) => w.view(),
+            None => self.tgt_embedding().weight(),
+        }
+    }
+
+    /// Number of parameters (a shared or tied matrix counted once).
+    pub fn num_parameters(&self) -> usize {
+        let mut n = 0;
+        crate::weights::visit_parameters(self, &mut |_, t| n += t.len());
+        n
+    }
+
+    /// `embedding(src)·√d_model + PE`: the encoder's input.
+    ///
+    /// # Shapes
+    /// - `src`: `[batch, src_len]`
+    /// - returns `[batch, src_len, d_model]`
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfRange`], [`Error::Empty`], [`Error::SequenceTooLong`].
+    pub fn embed_source(&self, src: ArrayView2<u32>) -> Result<Array3<f32>> {
+        self.embed(&self.src_embed, src, "source ids")
+    }
+
+    /// `embedding(tgt)·√d_model + PE`: the decoder's input.
+    ///
+    /// # Shapes
+    /// - `tgt`: `[batch, tgt_len]`
+    /// - returns `[batch, tgt_len, d_model]`
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfRange`], [`Error::Empty`], [`Error::SequenceTooLong`].
+    pub fn embed_target(&self, tgt: ArrayView2<u32>) -> Result<Array3<f32>> {
+        self.embed(self.tgt_embedding(), tgt, "target ids")
+    }
+
+    fn embed(&self, table: &Embedding, ids: ArrayView2<u32>, what: &str) -> Result<Array3<f32>> {
+        check_ids(ids, table.vocab(), what)?;
+        if ids.ncols() > self.config.max_len {
+            return Err(Error::SequenceTooLong {
+                len: ids.ncols(),
+                max_len: self.config.max_len,
+            });
+        }
+        let mut x = table.forward(ids)?;
+        self.positional.add_at(x.view_mut(), 0)?;
+        Ok(x)
+    }
+
+    /// Encodes source ids into the memory.
+    ///
+    /// # Shapes
+    /// - `src`: `[batch, src_len]`
+    /// - `src_padding`: `[batch, src_len]`, true = padding
+    /// - returns `[batch, src_len, d_model]`
+    ///
+    /// # Errors
+    /// Bad ids, lengths or mask shapes (see [`Error`]).
+    pub fn encode(
+        &self,
+        src: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        let x = self.embed_source(src)?;
+        self.encode_embedded(x.view(), src_padding)
+    }
+
+    /// Encodes an already embedded source (e.g. with custom embeddings).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, src_len, d_model]`
+    /// - `src_padding`: `[batch, src_len]`, true = padding
+    /// - returns `[batch, src_len, d_model]`
+    pub fn encode_embedded(
+        &self,
+        x: ArrayView3<f32>,
+        src_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        self.encoder
+            .forward(x, &Mask::none().with_key_padding_opt(src_padding))
+    }
+
+    /// Decodes target ids against the memory; target self-attention is causal.
+    ///
+    /// # Shapes
+    /// - `tgt`: `[batch, tgt_len]`
+    /// - `memory`: `[batch, src_len, d_model]`
+    /// - `src_padding`: `[batch, src_len]` (hides padded memory positions), true = padding
+    /// - `tgt_padding`: `[batch, tgt_len]`, true = padding
+    /// - returns `[batch, tgt_len, d_model]`
+    ///
+    /// # Errors
+    /// Bad ids, lengths, memory or mask shapes (see [`Error`]).
+    pub fn decode(
+        &self,
+        tgt: ArrayView2<u32>,
+        memory: ArrayView3<f32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        let y = self.embed_target(tgt)?;
+        self.decode_embedded(y.view(), memory, src_padding, tgt_padding)
+    }
+
+    /// Decodes an already embedded target.
+    ///
+    /// # Shapes
+    /// - `y`: `[batch, tgt_len, d_model]`; the other arguments as in [`decode`](Self::decode)
+    /// - returns `[batch, tgt_len, d_model]`
+    pub fn decode_embedded(
+        &self,
+        y: ArrayView3<f32>,
+        memory: ArrayView3<f32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        let self_mask = Mask::causal().with_key_padding_opt(tgt_padding);
+        let cross_mask = Mask::none().with_key_padding_opt(src_padding);
+        self.decoder.forward(y, memory, &self_mask, &cross_mask)
+    }
+
+    /// The output projection (§3.4): decoder output to unnormalised next-token scores.
+    ///
+    /// # Shapes
+    /// - `decoded`: `[batch, tgt_len, d_model]`
+    /// - returns `[batch, tgt_len, tgt_vocab]`
+    pub fn project(&self, decoded: ArrayView3<f32>) -> Result<Array3<f32>> {
+        crate::encoder::check_input(decoded, self.config.d_model, "decoder output")?;
+        Ok(self.project_unchecked(decoded))
+    }
+
+    pub(crate) fn project_unchecked(&self, decoded: ArrayView3<f32>) -> Array3<f32> {
+        let (b, len, d) = decoded.dim();
+        let decoded = decoded.as_standard_layout();
+        let flat = decoded
+            .view()
+            .into_shape_with_order((b * len, d))
+            .expect("standard layout");
+        let mut logits = Array2::zeros((b * len, self.config.tgt_vocab));
+        ops::linear_into(
+            flat,
+            self.output_weight(),
+            Some(self.generator_bias.view()),
+            &mut logits.view_mut(),
+        );
+        logits
+            .into_shape_with_order((b, len, self.config.tgt_vocab))
+            .expect("same element count")
+    }
+
+    /// The full model: logits for every target position (teacher forcing).
+    ///
+    /// # Shapes
+    /// - `src`: `[batch, src_len]`, `tgt`: `[batch, tgt_len]`
+    /// - `src_padding`: `[batch, src_len]`, `tgt_padding`: `[batch, tgt_len]`, true = padding
+    /// - returns `[batch, tgt_len, tgt_vocab]`
+    ///
+    /// # Errors
+    /// Bad ids, lengths or mask shapes, or source and target batch sizes that differ.
+    pub fn forward(
+        &self,
+        src: ArrayView2<u32>,
+        tgt: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        check_same_batch(src, tgt)?;
+        let memory = self.encode(src, src_padding)?;
+        let decoded = self.decode(tgt, memory.view(), src_padding, tgt_padding)?;
+        Ok(self.project_unchecked(decoded.view()))
+    }
+
+    /// Log-probabilities over the target vocabulary, `log softmax(forward(..))`, computed stably.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward): returns `[batch, tgt_len, tgt_vocab]`.
+    pub fn log_probs(
+        &self,
+        src: ArrayView2<u32>,
+        tgt: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        let mut logits = self.forward(src, tgt, src_padding, tgt_padding)?;
+        for mut row in logits.axis_iter_mut(Axis(0)) {
+            ops::log_softmax_rows_inplace(row.view_mut());
+        }
+        Ok(logits)
+    }
+
+    /// As [`forward`](Self::forward), recording every intermediate and attention map.
+    pub fn forward_traced(
+        &self,
+        src: ArrayView2<u32>,
+        tgt: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+    ) -> Result<TransformerTrace> {
+        check_same_batch(src, tgt)?;
+        let src_embedded = self.embed_source(src)?;
+        let tgt_embedded = self.embed_target(tgt)?;
+        let cross_mask = Mask::none().with_key_padding_opt(src_padding);
+        let encoder = self
+            .encoder
+            .forward_traced(src_embedded.view(), &cross_mask)?;
+        let self_mask = Mask::causal().with_key_padding_opt(tgt_padding);
+        check_decoder_inputs(
+            tgt_embedded.view(),
+            encoder.output.view(),
+            self.config.d_model,
+            &self_mask,
+            &cross_mask,
+        )?;
+        let decoder = self.decoder.forward_traced(
+            tgt_embedded.view(),
+            encoder.output.view(),
+            &self_mask,
+            &cross_mask,
+        )?;
+        let logits = self.project_unchecked(decoder.output.view());
+        Ok(TransformerTrace {
+            src_embedded,
+            tgt_embedded,
+            encoder,
+            decoder,
+            logits,
+        })
+    }
+}
+
+fn check_same_batch(src: ArrayView2<u32>, tgt: ArrayView2<u32>) -> Result<()> {
+    if src.nrows() != tgt.nrows() {
+        return Err(Error::shape(
+            "target ids",
+            format!(
+                "[batch, tgt_len] with batch {} like the source ids",
+                src.nrows()
+            ),
+            tgt.shape(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NormPosition;
+    use approx::assert_abs_diff_eq;
+    use ndarray::{array, s};
+    use rand::{rngs::StdRng, SeedableRng};
+
+    fn tiny() -> TransformerConfig {
+        TransformerConfig {
+            d_model: 8,
+            num_heads: 2,
+            d_ff: 16,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            max_len: 16,
+            ..TransformerConfig::base(9, 7)
+        }
+    }
+
+    #[test]
+    fn same_seed_same_model() {
+        let a = Transformer::new(tiny(), &mut StdRng::seed_from_u64(5)).unwrap();
+        let b = Transformer::new(tiny(), &mut StdRng::seed_from_u64(5)).unwrap();
+        let c = Transformer::new(tiny(), &mut StdRng::seed_from_u64(6)).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn padded_batch_rows_equal_the_rows_alone() {
+        for norm_position in [NormPosition::Post, NormPosition::Pre] {
+            let model = Transformer::new(
+                TransformerConfig {
+                    norm_position,
+                    ..tiny()
+                },
+                &mut StdRng::seed_from_u64(1),
+            )
+            .unwrap();
+            let src = array![[3u32, 4, 5, 6], [7, 8, 0, 0]];
+            let tgt = array![[1u32, 2, 3], [1, 5, 0]];
+            let sp = KeyPaddingMask::from_lengths(&[4, 2], 4).unwrap();
+            let tp = KeyPaddingMask::from_lengths(&[3, 2], 3).unwrap();
+            let batched = model
+                .forward(src.view(), tgt.view(), Some(&sp), Some(&tp))
+                .unwrap();
+            let alone = model
+                .forward(
+                    src.slice(s![1..2, ..2]),
+                    tgt.slice(s![1..2, ..2]),
+                    None,
+                    None,
+                )
+                .unwrap();
+            assert_abs_diff_eq!(batched.slice(s![1..2, ..2, ..]), alone, epsilon = 1e-5);
+        }
+    }
+
+    #[test]
+    fn shared_and_tied_weights() {
+        let config = TransformerConfig {
+            share_embeddings: true,
+            tie_output_projection: true,
+            ..TransformerConfig {
+                tgt_vocab: 9,
+                ..tiny()
+            }
+        };
+        let model = Transformer::new(config, &mut StdRng::seed_from_u64(2)).unwrap();
+        assert_eq!(model.output_weight(), model.src_embedding().weight());
+        assert_eq!(model.tgt_embedding(), model.src_embedding());
+        let untied = Transformer::new(
+            TransformerConfig {
+                tgt_vocab: 9,
+                ..tiny()
+            },
+            &mut StdRng::seed_from_u64(2),
+        )
+        .unwrap();
+        assert_eq!(untied.num_parameters() - model.num_parameters(), 2 * 9 * 8);
+    }
+
+    #[test]
+    fn log_probs_normalise() {
+        let model = Transformer::new(tiny(), &mut StdRng::seed_from_u64(3)).unwrap();
+        let lp = model
+            .log_probs(
+                array![[1u32, 2]].view(),
+                array![[1u32, 2, 3]].view(),
+                None,
+                None,
+            )
+            .unwrap();
+        for row in lp.lanes(Axis(2)) {
+            assert_abs_diff_eq!(row.mapv(f32::exp).sum(), 1.0, epsilon = 1e-5);
+        }
+    }
+
+    #[test]
+    fn errors_not_panics() {
+        let model = Transformer::new(tiny(), &mut StdRng::seed_from_u64(4)).unwrap();
+        let ok = array![[1u32, 2]];
+        assert!(matches!(
+            model.forward(array![[9u32]].view(), ok.view(), None, None),
+            Err(Error::TokenOutOfRange {
+                id: 9,
+                vocab: 9,
+                ..
+            })
+        ));
+        assert!(matches!(
+            model.forward(ok.view(), array![[7u32]].view(), None, None),
+            Err(Error::TokenOutOfRange { vocab: 7, .. })
+        ));
+        let long = Array2::<u32>::ones((1, 17));
+        assert!(matches!(
+            model.forward(long.view(), ok.view(), None, None),
+            Err(Error::SequenceTooLong {
+                len: 17,
+                max_len: 16
+            })
+        ));
+        assert!(matches!(
+            model.forward(Array2::<u32>::zeros((1, 0)).view(), ok.view(), None, None),
+            Err(Error::Empty { .. })
+        ));
+        assert!(model
+            .forward(array![[1u32], [2]].view(), ok.view(), None, None)
+            .is_err());
+        let wrong_mask = KeyPaddingMask::from_lengths(&[1], 1).unwrap();
+        assert!(matches!(
+            model.forward(ok.view(), ok.view(), Some(&wrong_mask), None),
+            Err(Error::Shape { .. })
+        ));
+        assert!(Transformer::new(
+            TransformerConfig {
+                num_heads: 3,
+                ..tiny()
+            },
+            &mut StdRng::seed_from_u64(0)
+        )
+        .is_err());
+    }
+}

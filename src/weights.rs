@@ -1,0 +1,600 @@
+//! Loading and saving weights as safetensors, under PyTorch's `nn.Transformer` state-dict names.
+//!
+//! The names are those of this PyTorch module's `state_dict()`:
+//!
+//! ```text
+//! class Seq2Seq(nn.Module):
+//!     src_embed   = nn.Embedding(src_vocab, d_model)
+//!     tgt_embed   = nn.Embedding(tgt_vocab, d_model)
+//!     transformer = nn.Transformer(d_model, nhead, ..., batch_first=True)
+//!     generator   = nn.Linear(d_model, tgt_vocab)
+//! ```
+//!
+//! so `transformer.encoder.layers.0.self_attn.in_proj_weight` is the Q, K and V projections
+//! stacked as `[3·d_model, d_model]` (split on load, stacked again on save), `norm1`/`norm2`/
+//! `norm3` are the self-attention, cross-attention and feed-forward norms, and
+//! `transformer.encoder.norm` / `transformer.decoder.norm` the final stack norms.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use ndarray::{concatenate, s, Array1, Array2, ArrayD, Axis, CowArray, IxDyn};
+use safetensors::tensor::{Dtype, SafeTensors, View};
+
+use crate::attention::MultiHeadAttention;
+use crate::config::TransformerConfig;
+use crate::decoder::{Decoder, DecoderLayer};
+use crate::embedding::Embedding;
+use crate::encoder::{Encoder, EncoderLayer};
+use crate::error::{Error, Result};
+use crate::feed_forward::FeedForward;
+use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
+use crate::transformer::Transformer;
+
+/// How to read a weights file.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Prepended to every tensor name, e.g. `"weights."` for the crate's parity fixtures or
+    /// `"model."` for a module nested one level down. Tensors without it are ignored.
+    pub prefix: String,
+    /// Whether a tensor under `prefix` that the model does not use is an error (PyTorch's
+    /// `load_state_dict(strict=True)`). Default `true`.
+    pub strict: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            prefix: String::new(),
+            strict: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Options with a name prefix, strict.
+    pub fn with_prefix(prefix: impl Into<String>) -> Self {
+        LoadOptions {
+            prefix: prefix.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Named f32 tensors read from a safetensors buffer, tracking which were used.
+struct Reader<'a> {
+    file: SafeTensors<'a>,
+    prefix: String,
+    used: BTreeSet<String>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], prefix: &str) -> Result<Self> {
+        let file =
+            SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors(e.to_string()))?;
+        Ok(Reader {
+            file,
+            prefix: prefix.to_string(),
+            used: BTreeSet::new(),
+        })
+    }
+
+    /// The tensor `name` (without prefix), which must have `shape` and dtype F32.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let full = format!("{}{name}", self.prefix);
+        let view = self
+            .file
+            .tensor(&full)
+            .map_err(|_| Error::MissingTensor { name: full.clone() })?;
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::TensorDtype {
+                name: full,
+                expected: "F32",
+                found: format!("{:?}", view.dtype()),
+            });
+        }
+        if view.shape() != shape {
+            return Err(Error::TensorShape {
+                name: full,
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        self.used.insert(full);
+        Ok(ArrayD::from_shape_vec(IxDyn(shape), values)
+            .expect("safetensors checked the byte length"))
+    }
+
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        Ok(self
+            .tensor(name, &[rows, cols])?
+            .into_dimensionality()
+            .expect("2-D"))
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
+        Ok(self
+            .tensor(name, &[len])?
+            .into_dimensionality()
+            .expect("1-D"))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.file.tensor(&format!("{}{name}", self.prefix)).is_ok()
+    }
+
+    /// Names under the prefix that were not read.
+    fn unused(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .file
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(&self.prefix) && !self.used.contains(*n))
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn linear(&mut self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+        let weight = self.matrix(&format!("{name}.weight"), out_features, in_features)?;
+        let bias = self.vector(&format!("{name}.bias"), out_features)?;
+        Ok(Linear::from_parts(weight, Some(bias)))
+    }
+
+    fn layer_norm(&mut self, name: &str, d_model: usize, eps: f32) -> Result<LayerNorm> {
+        let gamma = self.vector(&format!("{name}.weight"), d_model)?;
+        let beta = self.vector(&format!("{name}.bias"), d_model)?;
+        LayerNorm::new(gamma, beta, eps)
+    }
+
+    /// `nn.MultiheadAttention`: the stacked `in_proj_*` split into Q, K, V.
+    fn attention(
+        &mut self,
+        name: &str,
+        d_model: usize,
+        num_heads: usize,
+    ) -> Result<MultiHeadAttention> {
+        let d = d_model;
+        let w = self.matrix(&child(name, "in_proj_weight"), 3 * d, d)?;
+        let b = self.vector(&child(name, "in_proj_bias"), 3 * d)?;
+        let part = |i: usize| {
+            Linear::from_parts(
+                w.slice(s![i * d..(i + 1) * d, ..]).to_owned(),
+                Some(b.slice(s![i * d..(i + 1) * d]).to_owned()),
+            )
+        };
+        let out_proj = self.linear(&child(name, "out_proj"), d, d)?;
+        MultiHeadAttention::new(part(0), part(1), part(2), out_proj, num_heads)
+    }
+
+    fn feed_forward(&mut self, name: &str, config: &TransformerConfig) -> Result<FeedForward> {
+        let linear1 = self.linear(&format!("{name}.linear1"), config.d_ff, config.d_model)?;
+        let linear2 = self.linear(&format!("{name}.linear2"), config.d_model, config.d_ff)?;
+        FeedForward::new(linear1, linear2, config.activation)
+    }
+
+    /// A tensor that must equal one already loaded (a shared or tied matrix saved twice).
+    fn alias(&mut self, name: &str, of: &str, expected: &Array2<f32>) -> Result<()> {
+        if !self.has(name) {
+            return Ok(());
+        }
+        let found = self.matrix(name, expected.nrows(), expected.ncols())?;
+        if found != *expected {
+            return Err(Error::Safetensors(format!(
+                "`{}{name}` differs from `{}{of}`, but the config shares them",
+                self.prefix, self.prefix
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl MultiHeadAttention {
+    /// Reads an `nn.MultiheadAttention` state dict (`{prefix}in_proj_weight`,
+    /// `{prefix}in_proj_bias`, `{prefix}out_proj.weight`, `{prefix}out_proj.bias`) from
+    /// safetensors bytes, splitting the stacked Q/K/V projection.
+    ///
+    /// # Errors
+    /// [`Error::Safetensors`], [`Error::MissingTensor`], [`Error::TensorShape`],
+    /// [`Error::TensorDtype`], or [`Error::Config`] if `d_model % num_heads != 0`.
+    pub fn from_safetensors(
+        bytes: &[u8],
+        prefix: &str,
+        d_model: usize,
+        num_heads: usize,
+    ) -> Result<Self> {
+        crate::config::validate_heads(d_model, num_heads)?;
+        Reader::new(bytes, prefix)?.attention("", d_model, num_heads)
+    }
+}
+
+/// `{name}.{leaf}`, or just `leaf` at the top level.
+fn child(name: &str, leaf: &str) -> String {
+    if name.is_empty() {
+        leaf.to_string()
+    } else {
+        format!("{name}.{leaf}")
+    }
+}
+
+impl Transformer {
+    /// Builds a model from safetensors bytes in PyTorch's names (see [the module docs](crate::weights)).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config; [`Error::Safetensors`] for bytes that are not
+    /// safetensors or a shared matrix saved with different values; [`Error::MissingTensor`],
+    /// [`Error::TensorShape`] and [`Error::TensorDtype`] naming the tensor; with
+    /// `options.strict`, [`Error::UnexpectedTensors`] listing unused names.
+    pub fn from_safetensors(
+        config: TransformerConfig,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (d, eps) = (c.d_model, c.layer_norm_eps);
+        let mut r = Reader::new(bytes, &options.prefix)?;
+        let src_embed = Embedding::new(r.matrix("src_embed.weight", c.src_vocab, d)?)?;
+        let tgt_embed = if c.share_embeddings {
+            r.alias(
+                "tgt_embed.weight",
+                "src_embed.weight",
+                &src_embed.weight().to_owned(),
+            )?;
+            None
+        } else {
+            Some(Embedding::new(r.matrix(
+                "tgt_embed.weight",
+                c.tgt_vocab,
+                d,
+            )?)?)
+        };
+        let mut encoder_layers = Vec::with_capacity(c.num_encoder_layers);
+        for i in 0..c.num_encoder_layers {
+            let p = format!("transformer.encoder.layers.{i}");
+            encoder_layers.push(EncoderLayer::new(
+                r.attention(&format!("{p}.self_attn"), d, c.num_heads)?,
+                r.feed_forward(&p, c)?,
+                r.layer_norm(&format!("{p}.norm1"), d, eps)?,
+                r.layer_norm(&format!("{p}.norm2"), d, eps)?,
+                c.norm_position,
+            )?);
+        }
+        let encoder = Encoder::new(
+            encoder_layers,
+            Some(r.layer_norm("transformer.encoder.norm", d, eps)?),
+        )?;
+        let mut decoder_layers = Vec::with_capacity(c.num_decoder_layers);
+        for i in 0..c.num_decoder_layers {
+            let p = format!("transformer.decoder.layers.{i}");
+            decoder_layers.push(DecoderLayer::new(
+                r.attention(&format!("{p}.self_attn"), d, c.num_heads)?,
+                r.attention(&format!("{p}.multihead_attn"), d, c.num_heads)?,
+                r.feed_forward(&p, c)?,
+                [
+                    r.layer_norm(&format!("{p}.norm1"), d, eps)?,
+                    r.layer_norm(&format!("{p}.norm2"), d, eps)?,
+                    r.layer_norm(&format!("{p}.norm3"), d, eps)?,
+                ],
+                c.norm_position,
+            )?);
+        }
+        let decoder = Decoder::new(
+            decoder_layers,
+            Some(r.layer_norm("transformer.decoder.norm", d, eps)?),
+        )?;
+        let generator_weight = if c.tie_output_projection {
+            let tied = tgt_embed.as_ref().unwrap_or(&src_embed).weight().to_owned();
+            r.alias("generator.weight", "tgt_embed.weight", &tied)?;
+            None
+        } else {
+            Some(r.matrix("generator.weight", c.tgt_vocab, d)?)
+        };
+        let generator_bias = r.vector("generator.bias", c.tgt_vocab)?;
+        let unused = r.unused();
+        if options.strict && !unused.is_empty() {
+            return Err(Error::UnexpectedTensors { names: unused });
+        }
+        Transformer::from_parts(
+            config,
+            src_embed,
+            tgt_embed,
+            encoder,
+            decoder,
+            generator_weight,
+            generator_bias,
+        )
+    }
+
+    /// Reads a `.safetensors` file with [`LoadOptions::default`] (no prefix, strict).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, then as [`from_safetensors`](Self::from_safetensors).
+    pub fn load(path: impl AsRef<Path>, config: TransformerConfig) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_safetensors(config, &bytes, &LoadOptions::default())
+    }
+
+    /// The weights as safetensors bytes in PyTorch's names. A shared or tied matrix is written
+    /// under each of its names, as PyTorch's `state_dict()` lists it.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
+        visit_parameters(self, &mut |name, t| tensors.push((name, F32Tensor::new(t))));
+        let src = self.src_embedding().weight();
+        if self.config().share_embeddings {
+            tensors.push((
+                "tgt_embed.weight".into(),
+                F32Tensor::new(src.into_dyn().into()),
+            ));
+        }
+        if self.config().tie_output_projection {
+            tensors.push((
+                "generator.weight".into(),
+                F32Tensor::new(self.output_weight().into_dyn().into()),
+            ));
+        }
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| Error::Safetensors(e.to_string()))
+    }
+
+    /// Writes [`to_safetensors`](Self::to_safetensors) to `path`.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        std::fs::write(path, self.to_safetensors()?).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Calls `f` with every distinct parameter under its PyTorch name (a shared or tied matrix
+/// once, under its first name).
+pub(crate) fn visit_parameters(
+    model: &Transformer,
+    f: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
+) {
+    let mut put = |name: String, t: CowArray<f32, IxDyn>| f(name, t);
+    put(
+        "src_embed.weight".into(),
+        model.src_embed.weight().into_dyn().into(),
+    );
+    if let Some(t) = &model.tgt_embed {
+        put("tgt_embed.weight".into(), t.weight().into_dyn().into());
+    }
+    let linear = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, l: &Linear| {
+        put(format!("{name}.weight"), l.weight().into_dyn().into());
+        if let Some(b) = l.bias() {
+            put(format!("{name}.bias"), b.into_dyn().into());
+        }
+    };
+    let norm = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, n: &LayerNorm| {
+        put(format!("{name}.weight"), n.gamma().into_dyn().into());
+        put(format!("{name}.bias"), n.beta().into_dyn().into());
+    };
+    let attention = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
+                     name: &str,
+                     a: &MultiHeadAttention| {
+        let [q, k, v, out] = a.projections();
+        let w = concatenate(Axis(0), &[q.weight(), k.weight(), v.weight()]).expect("equal widths");
+        put(format!("{name}.in_proj_weight"), w.into_dyn().into());
+        let bias = |l: &Linear| {
+            l.bias()
+                .map(|b| b.to_owned())
+                .unwrap_or_else(|| Array1::zeros(l.out_features()))
+        };
+        let b =
+            concatenate(Axis(0), &[bias(q).view(), bias(k).view(), bias(v).view()]).expect("1-D");
+        put(format!("{name}.in_proj_bias"), b.into_dyn().into());
+        put(
+            format!("{name}.out_proj.weight"),
+            out.weight().into_dyn().into(),
+        );
+        if let Some(b) = out.bias() {
+            put(format!("{name}.out_proj.bias"), b.into_dyn().into());
+        }
+    };
+    for (i, layer) in model.encoder.layers.iter().enumerate() {
+        let p = format!("transformer.encoder.layers.{i}");
+        attention(&mut put, &format!("{p}.self_attn"), &layer.self_attn);
+        linear(
+            &mut put,
+            &format!("{p}.linear1"),
+            &layer.feed_forward.linear1,
+        );
+        linear(
+            &mut put,
+            &format!("{p}.linear2"),
+            &layer.feed_forward.linear2,
+        );
+        norm(&mut put, &format!("{p}.norm1"), &layer.self_attn_norm);
+        norm(&mut put, &format!("{p}.norm2"), &layer.ffn_norm);
+    }
+    if let Some(n) = &model.encoder.norm {
+        norm(&mut put, "transformer.encoder.norm", n);
+    }
+    for (i, layer) in model.decoder.layers.iter().enumerate() {
+        let p = format!("transformer.decoder.layers.{i}");
+        attention(&mut put, &format!("{p}.self_attn"), &layer.self_attn);
+        attention(&mut put, &format!("{p}.multihead_attn"), &layer.cross_attn);
+        linear(
+            &mut put,
+            &format!("{p}.linear1"),
+            &layer.feed_forward.linear1,
+        );
+        linear(
+            &mut put,
+            &format!("{p}.linear2"),
+            &layer.feed_forward.linear2,
+        );
+        norm(&mut put, &format!("{p}.norm1"), &layer.self_attn_norm);
+        norm(&mut put, &format!("{p}.norm2"), &layer.cross_attn_norm);
+        norm(&mut put, &format!("{p}.norm3"), &layer.ffn_norm);
+    }
+    if let Some(n) = &model.decoder.norm {
+        norm(&mut put, "transformer.decoder.norm", n);
+    }
+    if let Some(w) = &model.generator_weight {
+        put("generator.weight".into(), w.view().into_dyn().into());
+    }
+    put(
+        "generator.bias".into(),
+        model.generator_bias.view().into_dyn().into(),
+    );
+}
+
+/// An f32 tensor in little-endian bytes, as safetensors stores it.
+struct F32Tensor {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl F32Tensor {
+    fn new(t: CowArray<f32, IxDyn>) -> Self {
+        let shape = t.shape().to_vec();
+        // Iterating in logical order writes row-major bytes whatever the memory layout.
+        let bytes = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        F32Tensor { shape, bytes }
+    }
+}
+
+impl View for F32Tensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Activation, NormPosition};
+    use rand::{rngs::StdRng, SeedableRng};
+
+    fn tiny() -> TransformerConfig {
+        TransformerConfig {
+            d_model: 8,
+            num_heads: 2,
+            d_ff: 12,
+            num_encoder_layers: 2,
+            num_decoder_layers: 1,
+            max_len: 32,
+            activation: Activation::Gelu,
+            norm_position: NormPosition::Pre,
+            ..TransformerConfig::base(10, 11)
+        }
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        for (share, tie) in [(false, false), (true, true), (false, true)] {
+            let config = TransformerConfig {
+                share_embeddings: share,
+                tie_output_projection: tie,
+                tgt_vocab: if share { 10 } else { 11 },
+                ..tiny()
+            };
+            let model = Transformer::new(config.clone(), &mut StdRng::seed_from_u64(9)).unwrap();
+            let bytes = model.to_safetensors().unwrap();
+            let back =
+                Transformer::from_safetensors(config, &bytes, &LoadOptions::default()).unwrap();
+            assert_eq!(model, back);
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_tensor() {
+        let model = Transformer::new(tiny(), &mut StdRng::seed_from_u64(9)).unwrap();
+        let bytes = model.to_safetensors().unwrap();
+        // A config that disagrees with the file: the first mismatching tensor is named.
+        let wider = TransformerConfig { d_ff: 16, ..tiny() };
+        let err =
+            Transformer::from_safetensors(wider, &bytes, &LoadOptions::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor `transformer.encoder.layers.0.linear1.weight` has shape [12, 8], expected [16, 8]"
+        );
+        let deeper = TransformerConfig {
+            num_decoder_layers: 2,
+            ..tiny()
+        };
+        let err =
+            Transformer::from_safetensors(deeper, &bytes, &LoadOptions::default()).unwrap_err();
+        assert!(
+            matches!(&err, Error::MissingTensor { name } if name == "transformer.decoder.layers.1.self_attn.in_proj_weight"),
+            "{err}"
+        );
+        let shallower = TransformerConfig {
+            num_encoder_layers: 1,
+            ..tiny()
+        };
+        let err = Transformer::from_safetensors(shallower.clone(), &bytes, &LoadOptions::default())
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::UnexpectedTensors { names } if names.len() == 12),
+            "{err}"
+        );
+        let lenient = LoadOptions {
+            strict: false,
+            ..LoadOptions::default()
+        };
+        assert!(Transformer::from_safetensors(shallower, &bytes, &lenient).is_ok());
+        let err = Transformer::from_safetensors(
+            tiny(),
+            &bytes[..bytes.len() - 3],
+            &LoadOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Safetensors(_)), "{err}");
+        let err = Transformer::from_safetensors(
+            tiny(),
+            b"not a safetensors file",
+            &LoadOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Safetensors(_)), "{err}");
+    }
+
+    #[test]
+    fn wrong_dtype_is_named() {
+        let data = vec![0u8; 2 * 10 * 8];
+        let view = safetensors::tensor::TensorView::new(Dtype::F16, vec![10, 8], &data).unwrap();
+        let bytes = safetensors::serialize([("src_embed.weight", view)], None).unwrap();
+        let err =
+            Transformer::from_safetensors(tiny(), &bytes, &LoadOptions::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor `src_embed.weight` has dtype F16, expected F32"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error() {
+        let err = Transformer::load("/nonexistent/model.safetensors", tiny()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/model.safetensors:"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! Reading the PyTorch parity fixtures in `tests/fixtures/` (format: `tests/fixtures/FORMAT.md`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, ArrayD, IxDyn};
+use ndtransformer::{Activation, LoadOptions, NormPosition, Transformer, TransformerConfig};
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+/// The fixture folder.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// One fixture: the JSON sidecar and the safetensors bytes.
+pub struct Fixture {
+    pub name: String,
+    pub json: Value,
+    pub bytes: Vec<u8>,
+}
+
+impl Fixture {
+    pub fn load(stem: &str) -> Fixture {
+        let dir = fixtures_dir();
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap(),
+        )
+        .unwrap();
+        let bytes = std::fs::read(dir.join(format!("{stem}.safetensors"))).unwrap();
+        Fixture {
+            name: stem.to_string(),
+            json,
+            bytes,
+        }
+    }
+
+    /// Every fixture whose sidecar has `"kind": kind`, sorted by name.
+    pub fn all_of_kind(kind: &str) -> Vec<Fixture> {
+        let mut stems: Vec<String> = std::fs::read_dir(fixtures_dir())
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.unwrap().path();
+                (path.extension()? == "safetensors")
+                    .then(|| path.file_stem().unwrap().to_string_lossy().into_owned())
+            })
+            .collect();
+        stems.sort();
+        let found: Vec<Fixture> = stems
+            .iter()
+            .map(|s| Fixture::load(s))
+            .filter(|f| f.json["kind"] == kind)
+            .collect();
+        assert!(
+            !found.is_empty(),
+            "no fixture of kind {kind} in {}",
+            fixtures_dir().display()
+        );
+        found
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors().tensor(name).is_ok()
+    }
+
+    pub fn f32(&self, name: &str) -> ArrayD<f32> {
+        let st = self.tensors();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name}", self.name));
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+    }
+
+    /// An int64 id tensor as u32 token ids.
+    pub fn ids(&self, name: &str) -> Array2<u32> {
+        let st = self.tensors();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|b| u32::try_from(i64::from_le_bytes(b.try_into().unwrap())).unwrap())
+            .collect();
+        Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
+    }
+
+    /// A uint8 mask (1 = True) as bools.
+    pub fn flags(&self, name: &str) -> Array2<bool> {
+        let st = self.tensors();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::U8, "{name}");
+        Array2::from_shape_vec(
+            (t.shape()[0], t.shape()[1]),
+            t.data().iter().map(|&b| b != 0).collect(),
+        )
+        .unwrap()
+    }
+
+    /// The `TransformerConfig` of a transformer or greedy fixture's `config` block.
+    pub fn config(&self) -> TransformerConfig {
+        let c = &self.json["config"];
+        let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config.{k}")) as usize;
+        TransformerConfig {
+            d_model: n("d_model"),
+            num_heads: n("nhead"),
+            d_ff: n("dim_feedforward"),
+            num_encoder_layers: n("num_encoder_layers"),
+            num_decoder_layers: n("num_decoder_layers"),
+            src_vocab: n("src_vocab"),
+            tgt_vocab: n("tgt_vocab"),
+            max_len: 512,
+            activation: match c["activation"].as_str().unwrap() {
+                "relu" => Activation::Relu,
+                "gelu" => Activation::Gelu,
+                other => panic!("activation {other}"),
+            },
+            norm_position: if c["norm_first"].as_bool().unwrap() {
+                NormPosition::Pre
+            } else {
+                NormPosition::Post
+            },
+            layer_norm_eps: c["layer_norm_eps"].as_f64().unwrap() as f32,
+            share_embeddings: false,
+            tie_output_projection: false,
+        }
+    }
+
+    /// The model from the fixture's `weights.*` tensors (strict: every weight is used).
+    pub fn model(&self) -> Transformer {
+        Transformer::from_safetensors(
+            self.config(),
+            &self.bytes,
+            &LoadOptions::with_prefix("weights."),
+        )
+        .unwrap()
+    }
+}
+
+/// Max |a - b|, after checking the shapes agree.
+pub fn max_abs_err<D: ndarray::Dimension>(
+    what: &str,
+    got: &ndarray::Array<f32, D>,
+    expected: &ArrayD<f32>,
+) -> f32 {
+    assert_eq!(got.shape(), expected.shape(), "{what}: shape");
+    got.iter()
+        .zip(expected.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Asserts the max abs error is within `tol`, printing it.
+pub fn assert_close<D: ndarray::Dimension>(
+    fixture: &str,
+    what: &str,
+    got: &ndarray::Array<f32, D>,
+    expected: &ArrayD<f32>,
+    tol: f32,
+) {
+    let err = max_abs_err(what, got, expected);
+    println!("{fixture:>18} {what:<24} max abs err {err:.2e}");
+    assert!(
+        err <= tol,
+        "{fixture} {what}: max abs err {err:e} > {tol:e}"
+    );
+}
