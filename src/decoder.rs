@@ -9,6 +9,8 @@
 use ndarray::{Array3, Array4, ArrayView3};
 use rand::Rng;
 
+use crate::attention::cache::{KeyValueCache, LayerCache};
+use crate::attention::multi_head::heads;
 use crate::attention::MultiHeadAttention;
 use crate::config::{Activation, NormPosition};
 use crate::encoder::{check_input, check_widths, stack_width};
@@ -162,6 +164,55 @@ impl DecoderLayer {
             self.feed_forward.forward_unchecked(h)
         })
     }
+
+    /// An empty self-attention cache with room for `capacity` target positions, and the
+    /// cross-attention keys and values of `memory` `[batch, src_len, d_model]`.
+    pub(crate) fn start_cache(&self, memory: ArrayView3<f32>, capacity: usize) -> LayerCache {
+        let a = &self.cross_attn;
+        let cross = KeyValueCache::from_full(
+            a.split_heads(memory, &a.k_proj),
+            a.split_heads(memory, &a.v_proj),
+        );
+        let own = &self.self_attn;
+        LayerCache {
+            self_attn: KeyValueCache::with_capacity(
+                memory.shape()[0],
+                capacity,
+                own.num_heads(),
+                own.d_k(),
+            ),
+            cross_attn: cross,
+        }
+    }
+
+    /// The layer on the newest target positions `x` `[batch, new, d_model]`, reading and
+    /// extending `cache`: the same arithmetic as [`forward`](Self::forward) on the whole prefix.
+    pub(crate) fn forward_step(
+        &self,
+        x: Array3<f32>,
+        cache: &mut LayerCache,
+        cross_mask: &Mask,
+    ) -> Array3<f32> {
+        let p = self.norm_position;
+        let x = residual(x, &self.self_attn_norm, p, |h| {
+            let a = &self.self_attn;
+            let q = a.split_heads(h, &a.q_proj);
+            let (k, v) = (a.split_heads(h, &a.k_proj), a.split_heads(h, &a.v_proj));
+            cache.self_attn.append(k.view(), v.view());
+            let (k, v) = cache.self_attn.heads();
+            // The new queries sit at the end of the cached keys: causal, bottom-right aligned.
+            a.attend(heads(&q), k, v, &Mask::causal(), None)
+        });
+        let x = residual(x, &self.cross_attn_norm, p, |h| {
+            let a = &self.cross_attn;
+            let q = a.split_heads(h, &a.q_proj);
+            let (k, v) = cache.cross_attn.heads();
+            a.attend(heads(&q), k, v, cross_mask, None)
+        });
+        residual(x, &self.ffn_norm, p, |h| {
+            self.feed_forward.forward_unchecked(h)
+        })
+    }
 }
 
 /// What [`Decoder::forward_traced`] records besides the output.
@@ -283,6 +334,32 @@ impl Decoder {
                     t.cross_attention.push(c);
                 }
             }
+        }
+        if let Some(norm) = &self.norm {
+            norm_inplace(norm, &mut x);
+        }
+        x
+    }
+}
+
+impl Decoder {
+    /// One [`LayerCache`] per layer for `memory` `[batch, src_len, d_model]`.
+    pub(crate) fn start_caches(&self, memory: ArrayView3<f32>, capacity: usize) -> Vec<LayerCache> {
+        self.layers
+            .iter()
+            .map(|l| l.start_cache(memory, capacity))
+            .collect()
+    }
+
+    /// The stack on the newest positions `x` `[batch, new, d_model]` with per-layer caches.
+    pub(crate) fn run_step(
+        &self,
+        mut x: Array3<f32>,
+        caches: &mut [LayerCache],
+        cross_mask: &Mask,
+    ) -> Array3<f32> {
+        for (layer, cache) in self.layers.iter().zip(caches) {
+            x = layer.forward_step(x, cache, cross_mask);
         }
         if let Some(norm) = &self.norm {
             norm_inplace(norm, &mut x);

@@ -54,6 +54,19 @@ pub enum Error {
         /// The table's length (`max_len` of the config).
         max_len: usize,
     },
+    /// A decoder cache does not fit the model or the step it is used with.
+    CacheMismatch {
+        /// What does not fit, naming the values.
+        reason: String,
+    },
+    /// A decoding parameter makes no sense (beam size 0, maximum length 0, an id outside the
+    /// vocabulary, …).
+    Decoding {
+        /// The parameter's name.
+        parameter: &'static str,
+        /// Why it is rejected, naming the value.
+        reason: String,
+    },
     /// A tensor expected in a weights file is not there.
     MissingTensor {
         /// The full tensor name, e.g. `transformer.encoder.layers.0.norm1.weight`.
@@ -139,6 +152,8 @@ impl fmt::Display for Error {
                 f,
                 "sequence length {len} exceeds the positional-encoding table's max_len {max_len}"
             ),
+            Error::CacheMismatch { reason } => write!(f, "decoder cache mismatch: {reason}"),
+            Error::Decoding { parameter, reason } => write!(f, "invalid decoding parameter `{parameter}`: {reason}"),
             Error::MissingTensor { name } => write!(f, "weights file has no tensor `{name}`"),
             Error::TensorShape {
                 name,

@@ -50,6 +50,7 @@
 pub mod attention;
 mod config;
 mod decoder;
+mod decoding;
 mod embedding;
 mod encoder;
 mod error;
@@ -65,10 +66,12 @@ mod transformer;
 pub mod weights;
 
 pub use attention::{
-    scaled_dot_product_attention, scaled_dot_product_attention_with_weights, MultiHeadAttention,
+    scaled_dot_product_attention, scaled_dot_product_attention_with_weights, DecoderCache,
+    MultiHeadAttention,
 };
 pub use config::{Activation, NormPosition, TransformerConfig};
 pub use decoder::{Decoder, DecoderLayer, DecoderTrace};
+pub use decoding::{length_penalty, BeamSearchOptions, GreedyOptions, Hypothesis, MaxLength};
 pub use embedding::Embedding;
 pub use encoder::{Encoder, EncoderLayer, EncoderTrace};
 pub use error::{Error, Result};

@@ -4,7 +4,7 @@
 //! backend is made in this one file. All kernels work on `f32` and accept strided views; a
 //! row-wise kernel walks rows and keeps each row's arithmetic in one place.
 
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Zip};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 
 /// `c = a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`.
 ///
@@ -111,6 +111,21 @@ pub(crate) fn gelu_inplace(mut x: ArrayViewMut2<f32>) {
     });
 }
 
+/// Index of the largest entry of each row; ties go to the lowest index.
+pub(crate) fn argmax_rows(x: ArrayView2<f32>) -> Vec<usize> {
+    x.axis_iter(Axis(0))
+        .map(|row| {
+            let mut best = 0;
+            for (j, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = j;
+                }
+            }
+            best
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +212,11 @@ mod tests {
             array![[-0.158_655_26f32, 0.0, 0.841_344_7, 2.995_950_3]],
             epsilon = 1e-6
         );
+    }
+
+    #[test]
+    fn argmax_breaks_ties_to_lowest_id() {
+        let x = array![[1.0f32, 3.0, 3.0], [2.0, 2.0, 2.0]];
+        assert_eq!(argmax_rows(x.view()), vec![1, 0]);
     }
 }

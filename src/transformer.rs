@@ -1,9 +1,12 @@
 //! The whole model of Figure 1: embeddings and positional encoding, encoder, decoder, and the
 //! output projection to vocabulary logits (§3, §3.4).
 
-use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis};
+use std::hash::{Hash, Hasher};
+
+use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, Axis};
 use rand::Rng;
 
+use crate::attention::DecoderCache;
 use crate::config::TransformerConfig;
 use crate::decoder::{check_decoder_inputs, Decoder, DecoderLayer, DecoderTrace};
 use crate::embedding::{check_ids, Embedding};
@@ -47,6 +50,9 @@ pub struct Transformer {
     /// `[tgt_vocab, d_model]`; `None` when tied to the target embedding.
     pub(crate) generator_weight: Option<Array2<f32>>,
     pub(crate) generator_bias: Array1<f32>,
+    /// A hash of the config and a sample of the weights, so a [`DecoderCache`] can tell
+    /// whether it was made by this model (equal weights give equal fingerprints).
+    fingerprint: u64,
 }
 
 /// Every intermediate of one [`Transformer::forward_traced`] call.
@@ -138,7 +144,7 @@ impl Transformer {
         debug_assert_eq!(tgt_embed.is_none(), config.share_embeddings);
         debug_assert_eq!(generator_weight.is_none(), config.tie_output_projection);
         let positional = PositionalEncoding::new(config.max_len, config.d_model);
-        Ok(Transformer {
+        let mut model = Transformer {
             config,
             src_embed,
             tgt_embed,
@@ -147,7 +153,10 @@ impl Transformer {
             decoder,
             generator_weight,
             generator_bias,
-        })
+            fingerprint: 0,
+        };
+        model.fingerprint = model.compute_fingerprint();
+        Ok(model)
     }
 
     /// The configuration.
@@ -410,6 +419,121 @@ impl Transformer {
             decoder,
             logits,
         })
+    }
+}
+
+impl Transformer {
+    /// A cache for generating from `memory`: the cross-attention keys and values of every
+    /// decoder layer are computed here, once.
+    ///
+    /// # Shapes
+    /// - `memory`: `[batch, src_len, d_model]` (from [`encode`](Self::encode))
+    /// - `src_padding`: `[batch, src_len]`, true = padding
+    ///
+    /// # Errors
+    /// [`Error::Shape`] / [`Error::Empty`] if the memory or mask do not fit the model.
+    pub fn start_decoding(
+        &self,
+        memory: ArrayView3<f32>,
+        src_padding: Option<&KeyPaddingMask>,
+    ) -> Result<DecoderCache> {
+        self.start_decoding_with_capacity(memory, src_padding, 16)
+    }
+
+    /// As [`start_decoding`](Self::start_decoding), with room for `capacity` steps reserved.
+    pub(crate) fn start_decoding_with_capacity(
+        &self,
+        memory: ArrayView3<f32>,
+        src_padding: Option<&KeyPaddingMask>,
+        capacity: usize,
+    ) -> Result<DecoderCache> {
+        crate::encoder::check_input(memory, self.config.d_model, "memory")?;
+        let (batch, src_len, _) = memory.dim();
+        if let Some(p) = src_padding {
+            p.check(batch, src_len, "source padding mask")?;
+        }
+        let memory = memory.as_standard_layout();
+        Ok(DecoderCache {
+            model_fingerprint: self.fingerprint,
+            layers: self.decoder.start_caches(memory.view(), capacity.max(1)),
+            memory_padding: src_padding.cloned(),
+            batch,
+            len: 0,
+        })
+    }
+
+    /// One generation step: feeds each batch row's newest target token and returns the logits
+    /// of the token after it, updating `cache`.
+    ///
+    /// The logits equal those of [`forward`](Self::forward) at the last position of the whole
+    /// prefix (the decoder is causal, so earlier positions' keys and values never change).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch]`
+    /// - returns `[batch, tgt_vocab]`
+    ///
+    /// # Errors
+    /// [`Error::CacheMismatch`] if `cache` was made by another model or `tokens` has another
+    /// batch size; [`Error::TokenOutOfRange`]; [`Error::SequenceTooLong`] past `max_len`.
+    pub fn decode_step(
+        &self,
+        tokens: ArrayView1<u32>,
+        cache: &mut DecoderCache,
+    ) -> Result<Array2<f32>> {
+        if cache.model_fingerprint != self.fingerprint {
+            return Err(Error::CacheMismatch {
+                reason: "the cache was made by another model (its weights or config differ)".into(),
+            });
+        }
+        if tokens.len() != cache.batch {
+            return Err(Error::CacheMismatch {
+                reason: format!(
+                    "{} tokens were fed to a cache of batch {}",
+                    tokens.len(),
+                    cache.batch
+                ),
+            });
+        }
+        let ids = tokens.insert_axis(Axis(1));
+        let table = self.tgt_embedding();
+        check_ids(ids, table.vocab(), "target ids")?;
+        let mut x = table.forward(ids)?;
+        self.positional.add_at(x.view_mut(), cache.len)?;
+        let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
+        let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
+        cache.len += 1;
+        Ok(self
+            .project_unchecked(decoded.view())
+            .index_axis_move(Axis(1), 0))
+    }
+
+    fn compute_fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{:?}", self.config).hash(&mut h);
+        let mut sample = |a: ArrayView2<f32>| {
+            for v in a.iter().step_by(97) {
+                v.to_bits().hash(&mut h);
+            }
+        };
+        sample(self.tgt_embedding().weight());
+        sample(self.output_weight());
+        for layer in &self.decoder.layers {
+            for p in layer
+                .self_attn
+                .projections()
+                .into_iter()
+                .chain(layer.cross_attn.projections())
+            {
+                sample(p.weight());
+            }
+            let (l1, l2) = layer.feed_forward.layers();
+            sample(l1.weight());
+            sample(l2.weight());
+        }
+        for v in self.generator_bias.iter() {
+            v.to_bits().hash(&mut h);
+        }
+        h.finish()
     }
 }
 
