@@ -6,7 +6,8 @@
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 
-/// `c = a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`.
+/// `c = a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the threads
+/// of the current rayon pool when the product is large enough to be worth it.
 ///
 /// Any strides are accepted, so a transposed weight (`w.t()`) or one head's slice of a
 /// `[batch, len, num_heads, d_k]` tensor goes in without a copy.
@@ -16,9 +17,78 @@ pub(crate) fn matmul_into(
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
 ) {
-    debug_assert_eq!(a.ncols(), b.nrows());
-    debug_assert_eq!((a.nrows(), b.ncols()), c.dim());
-    ndarray::linalg::general_mat_mul(1.0, &a, &b, beta, c);
+    let work = a.nrows() * a.ncols() * b.ncols();
+    let threads = if work >= PARALLEL_MIN_WORK {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    gemm_into(a, b, beta, c, threads);
+}
+
+/// As [`matmul_into`], on the calling thread only: for products that are themselves run in
+/// parallel (one per batch row and head), so that two levels of threading do not fight.
+pub(crate) fn matmul_into_serial(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    gemm_into(a, b, beta, c, 1);
+}
+
+/// Below this many multiply-adds a product runs on one thread (splitting costs more).
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+fn gemm_into(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+    threads: usize,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    assert_eq!(k, b.nrows(), "inner dimensions agree");
+    assert_eq!((m, n), c.dim(), "output is [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let [a_rs, a_cs] = [a.strides()[0], a.strides()[1]];
+    let [b_rs, b_cs] = [b.strides()[0], b.strides()[1]];
+    let [c_rs, c_cs] = [c.strides()[0], c.strides()[1]];
+    // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
+    // above to be [m, k], [k, n] and [m, n], so every element gemm reads or writes lies inside
+    // its view. `c` is borrowed mutably, so it cannot alias `a` or `b`. The `gemm` crate's
+    // contract is `dst := alpha·dst + beta·lhs·rhs`, reading dst only when `read_dst`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs,
+            c_rs,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// `y = x · wᵀ + bias` into `y`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout), `y: [rows, out]`.
