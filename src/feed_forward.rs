@@ -114,11 +114,11 @@ impl FeedForward {
 
     /// `[rows, d_model] → [rows, d_model]`.
     pub(crate) fn forward_2d(&self, x: ArrayView2<f32>) -> Array2<f32> {
-        let mut hidden = self.linear1.forward_2d(x);
-        match self.activation {
-            Activation::Relu => ops::relu_inplace(hidden.view_mut()),
-            Activation::Gelu => ops::gelu_inplace(hidden.view_mut()),
-        }
+        let epilogue = match self.activation {
+            Activation::Relu => ops::Epilogue::BiasRelu,
+            Activation::Gelu => ops::Epilogue::BiasGelu,
+        };
+        let hidden = self.linear1.forward_2d_with(x, epilogue);
         self.linear2.forward_2d(hidden.view())
     }
 }

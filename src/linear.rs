@@ -121,8 +121,23 @@ impl Linear {
 
     /// `[rows, in] → [rows, out]` without shape checks (callers have checked).
     pub(crate) fn forward_2d(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        self.forward_2d_with(x, ops::Epilogue::Bias)
+    }
+
+    /// `epilogue(x Wᵀ, b)`: the product, then bias and activation in one pass.
+    pub(crate) fn forward_2d_with(
+        &self,
+        x: ArrayView2<f32>,
+        epilogue: ops::Epilogue,
+    ) -> Array2<f32> {
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
-        ops::linear_into(x, self.weight.view(), self.bias(), &mut y.view_mut());
+        ops::linear_into(
+            x,
+            self.weight.view(),
+            self.bias(),
+            epilogue,
+            &mut y.view_mut(),
+        );
         y
     }
 }

@@ -4,16 +4,19 @@
 //! backend is made in this one file. All kernels work on `f32` and accept strided views; a
 //! row-wise kernel walks rows and keeps each row's arithmetic in one place.
 
+use ndarray::parallel::prelude::*;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
 
-/// `c = a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the threads
-/// of the current rayon pool when the product is large enough to be worth it.
+/// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
+/// threads of the current rayon pool when the product is large enough to be worth it.
 ///
 /// Any strides are accepted, so a transposed weight (`w.t()`) or one head's slice of a
-/// `[batch, len, num_heads, d_k]` tensor goes in without a copy.
+/// `[batch, len, num_heads, d_k]` tensor goes in without a copy. With `beta == 0` the old
+/// contents of `c` are not read.
 pub(crate) fn matmul_into(
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
+    alpha: f32,
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
 ) {
@@ -23,7 +26,7 @@ pub(crate) fn matmul_into(
     } else {
         1
     };
-    gemm_into(a, b, beta, c, threads);
+    gemm_into(a, b, alpha, beta, c, threads);
 }
 
 /// As [`matmul_into`], on the calling thread only: for products that are themselves run in
@@ -31,10 +34,11 @@ pub(crate) fn matmul_into(
 pub(crate) fn matmul_into_serial(
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
+    alpha: f32,
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
 ) {
-    gemm_into(a, b, beta, c, 1);
+    gemm_into(a, b, alpha, beta, c, 1);
 }
 
 /// Below this many multiply-adds a product runs on one thread (splitting costs more).
@@ -43,6 +47,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 fn gemm_into(
     a: ArrayView2<f32>,
     b: ArrayView2<f32>,
+    alpha: f32,
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
     threads: usize,
@@ -65,7 +70,8 @@ fn gemm_into(
     // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
     // above to be [m, k], [k, n] and [m, n], so every element gemm reads or writes lies inside
     // its view. `c` is borrowed mutably, so it cannot alias `a` or `b`. The `gemm` crate's
-    // contract is `dst := alpha·dst + beta·lhs·rhs`, reading dst only when `read_dst`.
+    // contract is `dst := alpha·dst + beta·lhs·rhs` (its names are swapped from BLAS's),
+    // reading dst only when `read_dst`.
     unsafe {
         gemm::gemm(
             m,
@@ -82,7 +88,7 @@ fn gemm_into(
             b_cs,
             b_rs,
             beta,
-            1.0,
+            alpha,
             false,
             false,
             false,
@@ -91,22 +97,51 @@ fn gemm_into(
     }
 }
 
-/// `y = x · wᵀ + bias` into `y`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout), `y: [rows, out]`.
+/// A non-linearity applied together with a bias, in one pass over the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `y + b`
+    Bias,
+    /// `max(0, y + b)`
+    BiasRelu,
+    /// `gelu(y + b)`, exact
+    BiasGelu,
+}
+
+/// `y = epilogue(x · wᵀ, bias)` into `y`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout),
+/// `y: [rows, out]`: one matrix product, then one pass that adds the bias and activates.
 pub(crate) fn linear_into(
     x: ArrayView2<f32>,
     w: ArrayView2<f32>,
     bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
     y: &mut ArrayViewMut2<f32>,
 ) {
-    let beta = match bias {
-        Some(b) => {
-            let dim = y.dim();
-            y.assign(&b.broadcast(dim).expect("bias length equals output width"));
-            1.0
-        }
-        None => 0.0,
-    };
-    matmul_into(x, w.t(), beta, y);
+    matmul_into(x, w.t(), 1.0, 0.0, y);
+    match (epilogue, bias) {
+        (Epilogue::Bias, None) => {}
+        (Epilogue::Bias, Some(b)) => rows_with_bias(y, b, |v, b| v + b),
+        (Epilogue::BiasRelu, Some(b)) => rows_with_bias(y, b, |v, b| (v + b).max(0.0)),
+        (Epilogue::BiasGelu, Some(b)) => rows_with_bias(y, b, |v, b| gelu(v + b)),
+        (Epilogue::BiasRelu, None) => y.par_mapv_inplace(|v| v.max(0.0)),
+        (Epilogue::BiasGelu, None) => y.par_mapv_inplace(gelu),
+    }
+}
+
+/// `y[i, j] = f(y[i, j], bias[j])` for every row, rows in parallel.
+fn rows_with_bias(
+    y: &mut ArrayViewMut2<f32>,
+    bias: ArrayView1<f32>,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) {
+    y.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .with_min_len(16)
+        .for_each(|mut row| {
+            Zip::from(&mut row)
+                .and(&bias)
+                .for_each(|v, &b| *v = f(*v, b))
+        });
 }
 
 /// Numerically stable softmax of each row, in place (§3.2.1).
@@ -156,29 +191,25 @@ pub(crate) fn layer_norm_rows_inplace(
     eps: f32,
 ) {
     let n = x.ncols() as f32;
-    for mut row in x.rows_mut() {
-        let mean = row.sum() / n;
-        let var = row.fold(0.0f32, |acc, &v| acc + (v - mean) * (v - mean)) / n;
-        let inv_std = 1.0 / (var + eps).sqrt();
-        Zip::from(&mut row)
-            .and(&gamma)
-            .and(&beta)
-            .for_each(|v, &g, &b| *v = (*v - mean) * inv_std * g + b);
-    }
+    x.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .with_min_len(16)
+        .for_each(|mut row| {
+            let mean = row.sum() / n;
+            let var = row.fold(0.0f32, |acc, &v| acc + (v - mean) * (v - mean)) / n;
+            let inv_std = 1.0 / (var + eps).sqrt();
+            Zip::from(&mut row)
+                .and(&gamma)
+                .and(&beta)
+                .for_each(|v, &g, &b| *v = (*v - mean) * inv_std * g + b);
+        });
 }
 
-/// `max(0, x)` in place.
-pub(crate) fn relu_inplace(mut x: ArrayViewMut2<f32>) {
-    x.mapv_inplace(|v| v.max(0.0));
-}
-
-/// Exact GELU in place: `0.5·x·(1 + erf(x/√2))`, evaluated in f64 so the f32 result is
-/// correctly rounded (PyTorch's `approximate="none"`).
-pub(crate) fn gelu_inplace(mut x: ArrayViewMut2<f32>) {
-    x.mapv_inplace(|v| {
-        let v = v as f64;
-        (0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32
-    });
+/// Exact GELU, `0.5·x·(1 + erf(x/√2))`, evaluated in f64 so the f32 result is correctly
+/// rounded (PyTorch's `approximate="none"`).
+pub(crate) fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
 }
 
 /// Index of the largest entry of each row; ties go to the lowest index.
@@ -264,7 +295,13 @@ mod tests {
         let w = Array2::from_shape_fn((2, 4), |(o, i)| (o as f32 - i as f32) * 0.3);
         let b = array![0.5f32, -1.0];
         let mut y = Array2::zeros((3, 2));
-        linear_into(x.view(), w.view(), Some(b.view()), &mut y.view_mut());
+        linear_into(
+            x.view(),
+            w.view(),
+            Some(b.view()),
+            Epilogue::Bias,
+            &mut y.view_mut(),
+        );
         for r in 0..3 {
             for o in 0..2 {
                 let expect: f32 = (0..4).map(|i| x[[r, i]] * w[[o, i]]).sum::<f32>() + b[o];
@@ -275,13 +312,33 @@ mod tests {
 
     #[test]
     fn gelu_matches_known_values() {
-        let mut x = array![[-1.0f32, 0.0, 1.0, 3.0]];
-        gelu_inplace(x.view_mut());
+        let x = array![-1.0f32, 0.0, 1.0, 3.0].mapv(gelu);
         assert_abs_diff_eq!(
             x,
-            array![[-0.158_655_26f32, 0.0, 0.841_344_7, 2.995_950_3]],
+            array![-0.158_655_26f32, 0.0, 0.841_344_7, 2.995_950_3],
             epsilon = 1e-6
         );
+        // The epilogues add the bias before activating.
+        let x = array![[1.0f32, -2.0]];
+        let w = array![[1.0f32, 0.0], [0.0, 1.0]];
+        let b = array![0.5f32, 1.0];
+        let mut y = Array2::zeros((1, 2));
+        linear_into(
+            x.view(),
+            w.view(),
+            Some(b.view()),
+            Epilogue::BiasRelu,
+            &mut y.view_mut(),
+        );
+        assert_eq!(y, array![[1.5f32, 0.0]]);
+        linear_into(
+            x.view(),
+            w.view(),
+            Some(b.view()),
+            Epilogue::BiasGelu,
+            &mut y.view_mut(),
+        );
+        assert_abs_diff_eq!(y, array![[gelu(1.5), gelu(-1.0)]], epsilon = 0.0);
     }
 
     #[test]

@@ -335,6 +335,7 @@ impl Transformer {
             flat,
             self.output_weight(),
             Some(self.generator_bias.view()),
+            ops::Epilogue::Bias,
             &mut logits.view_mut(),
         );
         logits

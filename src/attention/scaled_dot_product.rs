@@ -108,11 +108,10 @@ pub(crate) fn attend_into(
                     mut o: ArrayViewMut2<f32>,
                     mut s: ArrayViewMut2<f32>| {
         // scores = Q Kᵀ / √d_k, masked, soft-maxed row by row; then out = weights · V.
-        ops::matmul_into_serial(q, k.t(), 0.0, &mut s);
-        s *= scale;
+        ops::matmul_into_serial(q, k.t(), scale, 0.0, &mut s);
         mask.apply(b, s.view_mut());
         ops::softmax_rows_inplace(s.view_mut());
-        ops::matmul_into_serial(s.view(), v, 0.0, &mut o);
+        ops::matmul_into_serial(s.view(), v, 1.0, 0.0, &mut o);
     };
     match weights {
         Some(mut w) => Zip::indexed(out.axis_iter_mut(Axis(0)))
