@@ -25,7 +25,7 @@
 //! - [`LayerNorm`] and the residual connections wrap every sub-layer, post-LN (the paper) or
 //!   pre-LN ([`NormPosition`]).
 //! - [`weights`]: safetensors in PyTorch's state-dict names.
-//! - `ops.rs` (private) holds every matrix product, softmax and norm kernel.
+//! - [`ops`] holds every matrix product, softmax and norm kernel.
 //!
 //! ## Quick start
 //!
@@ -59,7 +59,7 @@ pub mod init;
 mod layer_norm;
 mod linear;
 pub mod mask;
-mod ops;
+pub mod ops;
 mod positional;
 mod residual;
 mod transformer;

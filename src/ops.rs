@@ -1,8 +1,16 @@
 //! The numerical kernels: every matrix product, softmax, LayerNorm and activation of the crate.
 //!
 //! Layers call these and never `dot` or a GEMM directly, so the choice of matrix-multiply
-//! backend is made in this one file. All kernels work on `f32` and accept strided views; a
-//! row-wise kernel walks rows and keeps each row's arithmetic in one place.
+//! backend is made in this one file: the [`gemm`](https://docs.rs/gemm) crate, which picks its
+//! AVX-512, AVX2 or scalar kernels at run time. All kernels work on `f32` and accept strided
+//! views. The softmax kernels are public for decoding code and benchmarks; the rest is internal.
+//!
+//! ```
+//! use ndarray::array;
+//! let mut scores = array![[1.0f32, 2.0, f32::NEG_INFINITY]];
+//! ndtransformer::ops::softmax_rows_inplace(scores.view_mut());
+//! assert_eq!(scores[[0, 2]], 0.0);
+//! ```
 
 use ndarray::parallel::prelude::*;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
@@ -149,14 +157,14 @@ fn rows_with_bias(
 /// Entries equal to `-inf` are masked keys and get probability 0. A row whose entries are all
 /// `-inf` (every key masked) becomes all zeros instead of NaN: the crate's one rule for a fully
 /// masked row, so the attention output of such a query is the zero vector.
-pub(crate) fn softmax_rows_inplace(mut scores: ArrayViewMut2<f32>) {
+pub fn softmax_rows_inplace(mut scores: ArrayViewMut2<f32>) {
     for row in scores.rows_mut() {
         softmax_inplace(row);
     }
 }
 
 /// Softmax of one vector in place; see [`softmax_rows_inplace`] for the masked-row rule.
-pub(crate) fn softmax_inplace(mut row: ArrayViewMut1<f32>) {
+fn softmax_inplace(mut row: ArrayViewMut1<f32>) {
     let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -173,7 +181,7 @@ pub(crate) fn softmax_inplace(mut row: ArrayViewMut1<f32>) {
 }
 
 /// Log-softmax of each row in place: `x - max - ln Σ exp(x - max)`, stable for large logits.
-pub(crate) fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
+pub fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
     for mut row in x.rows_mut() {
         let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
