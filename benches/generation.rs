@@ -4,9 +4,12 @@
 //! Reports the time of one decoding step (all 8 rows) at steps 1, 32 and 64, and the whole
 //! 64-token cached greedy generation (encoder included).
 //!
+//! The `memory/read_1GiB` bench measures the read bandwidth that bounds a cached step, which
+//! streams the decoder's weights and the output projection once.
+//!
 //! Run with `cargo bench --bench generation`.
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ndarray::{s, Array2};
 use ndtransformer::{GreedyOptions, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
@@ -72,5 +75,30 @@ fn bench_generation(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_generation);
+/// Read bandwidth: a parallel sum over a buffer far larger than the caches, read the way a
+/// decoding step reads the weights (once, sequentially, split over the threads).
+fn bench_memory(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let data = vec![1.0f32; 1 << 28]; // 1 GiB
+    let mut group = c.benchmark_group("memory");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((data.len() * 4) as u64));
+    group.bench_function("read_1GiB", |b| {
+        b.iter(|| black_box(data.par_chunks(1 << 16).map(lane_sum).sum::<f32>()))
+    });
+    group.finish();
+}
+
+/// A sum in 16 independent lanes, so the loop vectorises and memory, not the adder, bounds it.
+fn lane_sum(chunk: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for block in chunk.chunks_exact(16) {
+        for (a, x) in acc.iter_mut().zip(block) {
+            *a += x;
+        }
+    }
+    acc.iter().sum()
+}
+
+criterion_group!(benches, bench_generation, bench_memory);
 criterion_main!(benches);

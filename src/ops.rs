@@ -12,8 +12,9 @@
 //! assert_eq!(scores[[0, 2]], 0.0);
 //! ```
 
+use multiversion::multiversion;
 use ndarray::parallel::prelude::*;
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 /// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
 /// threads of the current rayon pool when the product is large enough to be worth it.
@@ -128,65 +129,51 @@ pub(crate) fn linear_into(
     matmul_into(x, w.t(), 1.0, 0.0, y);
     match (epilogue, bias) {
         (Epilogue::Bias, None) => {}
-        (Epilogue::Bias, Some(b)) => rows_with_bias(y, b, |v, b| v + b),
-        (Epilogue::BiasRelu, Some(b)) => rows_with_bias(y, b, |v, b| (v + b).max(0.0)),
-        (Epilogue::BiasGelu, Some(b)) => rows_with_bias(y, b, |v, b| gelu(v + b)),
+        (_, Some(b)) => rows_with_bias(y, b, epilogue),
         (Epilogue::BiasRelu, None) => y.par_mapv_inplace(|v| v.max(0.0)),
         (Epilogue::BiasGelu, None) => y.par_mapv_inplace(gelu),
     }
 }
 
-/// `y[i, j] = f(y[i, j], bias[j])` for every row, rows in parallel.
-fn rows_with_bias(
-    y: &mut ArrayViewMut2<f32>,
-    bias: ArrayView1<f32>,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) {
+/// `y[i, j] = epilogue(y[i, j], bias[j])` for every row, rows in parallel.
+fn rows_with_bias(y: &mut ArrayViewMut2<f32>, bias: ArrayView1<f32>, epilogue: Epilogue) {
+    let bias = bias.to_vec();
     y.axis_iter_mut(Axis(0))
         .into_par_iter()
         .with_min_len(16)
-        .for_each(|mut row| {
-            Zip::from(&mut row)
-                .and(&bias)
-                .for_each(|v, &b| *v = f(*v, b))
-        });
+        .for_each(|row| with_slice(row, |row| bias_activation(row, &bias, epilogue)));
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn bias_activation(row: &mut [f32], bias: &[f32], epilogue: Epilogue) {
+    let pairs = row.iter_mut().zip(bias);
+    match epilogue {
+        Epilogue::Bias => pairs.for_each(|(v, b)| *v += b),
+        Epilogue::BiasRelu => pairs.for_each(|(v, b)| *v = (*v + b).max(0.0)),
+        Epilogue::BiasGelu => pairs.for_each(|(v, b)| *v = gelu(*v + b)),
+    }
 }
 
 /// Numerically stable softmax of each row, in place (§3.2.1).
 ///
-/// Entries equal to `-inf` are masked keys and get probability 0. A row whose entries are all
-/// `-inf` (every key masked) becomes all zeros instead of NaN: the crate's one rule for a fully
-/// masked row, so the attention output of such a query is the zero vector.
+/// Entries equal to `-inf` are masked keys and get probability exactly 0. A row whose entries
+/// are all `-inf` (every key masked) becomes all zeros instead of NaN: the crate's one rule for
+/// a fully masked row, so the attention output of such a query is the zero vector.
 pub fn softmax_rows_inplace(mut scores: ArrayViewMut2<f32>) {
     for row in scores.rows_mut() {
-        softmax_inplace(row);
+        with_slice(row, softmax_slice);
     }
-}
-
-/// Softmax of one vector in place; see [`softmax_rows_inplace`] for the masked-row rule.
-fn softmax_inplace(mut row: ArrayViewMut1<f32>) {
-    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    if max == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
-    }
-    let mut sum = 0.0f32;
-    row.mapv_inplace(|v| {
-        let e = (v - max).exp();
-        sum += e;
-        e
-    });
-    let inv = 1.0 / sum;
-    row.mapv_inplace(|v| v * inv);
 }
 
 /// Log-softmax of each row in place: `x - max - ln Σ exp(x - max)`, stable for large logits.
 pub fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
-    for mut row in x.rows_mut() {
-        let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-        let shift = max + sum.ln();
-        row.mapv_inplace(|v| v - shift);
+    for row in x.rows_mut() {
+        with_slice(row, |row| {
+            let max = max_lanes(row);
+            let sum: f32 = sum_lanes_map(row, |v| exp(v - max));
+            let shift = max + sum.ln();
+            row.iter_mut().for_each(|v| *v -= shift);
+        });
     }
 }
 
@@ -198,19 +185,111 @@ pub(crate) fn layer_norm_rows_inplace(
     beta: ArrayView1<f32>,
     eps: f32,
 ) {
-    let n = x.ncols() as f32;
+    let (gamma, beta) = (gamma.to_vec(), beta.to_vec());
     x.axis_iter_mut(Axis(0))
         .into_par_iter()
         .with_min_len(16)
-        .for_each(|mut row| {
-            let mean = row.sum() / n;
-            let var = row.fold(0.0f32, |acc, &v| acc + (v - mean) * (v - mean)) / n;
-            let inv_std = 1.0 / (var + eps).sqrt();
-            Zip::from(&mut row)
-                .and(&gamma)
-                .and(&beta)
-                .for_each(|v, &g, &b| *v = (*v - mean) * inv_std * g + b);
-        });
+        .for_each(|row| with_slice(row, |row| layer_norm_slice(row, &gamma, &beta, eps)));
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn layer_norm_slice(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = row.len() as f32;
+    let mean = sum_lanes_map(row, |v| v) / n;
+    let var = sum_lanes_map(row, |v| (v - mean) * (v - mean)) / n;
+    let inv_std = 1.0 / (var + eps).sqrt();
+    for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inv_std * g + b;
+    }
+}
+
+/// Softmax of one contiguous row; see [`softmax_rows_inplace`] for the masked-row rule.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn softmax_slice(row: &mut [f32]) {
+    let max = max_lanes(row);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    let inv = 1.0 / sum_lanes_map(row, |v| v);
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Runs `f` on the row as a slice, copying it only if it is not contiguous.
+fn with_slice(mut row: ArrayViewMut1<f32>, f: impl FnOnce(&mut [f32])) {
+    match row.as_slice_mut() {
+        Some(slice) => f(slice),
+        None => {
+            let mut copy = row.to_vec();
+            f(&mut copy);
+            row.assign(&ArrayView1::from(&copy));
+        }
+    }
+}
+
+/// Width of the independent accumulators below: enough lanes for the loops to vectorise.
+const LANES: usize = 16;
+
+/// `Σ f(x)` with [`LANES`] partial sums.
+#[inline(always)]
+fn sum_lanes_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The largest entry (`-inf` for an empty or fully masked row).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
+/// `eˣ` for `x ≤ 0` in a form the compiler vectorises, to within 2 ulp of `f32::exp`;
+/// `-inf` (a masked score) gives exactly 0.
+///
+/// Cody–Waite reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, then a degree-7 Taylor polynomial for
+/// `eʳ` (truncation error below 1e-9) and `2ⁿ` built in the exponent bits.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Below this eˣ is under f32's smallest normal; the softmax treats it as 0.
+    const MIN: f32 = -87.0;
+    let clamped = x.clamp(MIN, 88.0);
+    // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain SSE2/AVX
+    // arithmetic (|x·log₂e| < 2²²), which vectorises where `round` would be a library call.
+    const ROUND: f32 = 12_582_912.0;
+    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < MIN {
+        0.0
+    } else {
+        p * scale
+    }
 }
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, evaluated in f64 so the f32 result is correctly
@@ -353,5 +432,29 @@ mod tests {
     fn argmax_breaks_ties_to_lowest_id() {
         let x = array![[1.0f32, 3.0, 3.0], [2.0, 2.0, 2.0]];
         assert_eq!(argmax_rows(x.view()), vec![1, 0]);
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std_and_zero_for_masked() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 2.5 * f32::EPSILON, "max relative error {worst:e}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn strided_rows_take_the_copy_path() {
+        let x = Array2::from_shape_fn((5, 3), |(i, j)| (i * 3 + j) as f32 * 0.3);
+        let mut t = x.t().to_owned();
+        softmax_rows_inplace(t.view_mut());
+        let mut strided = x.clone();
+        softmax_rows_inplace(strided.view_mut().reversed_axes());
+        assert_abs_diff_eq!(strided.t(), t.view(), epsilon = 1e-7);
     }
 }

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Run the crate's criterion benches and PyTorch's timings of the same workloads, one table.
+
+Both sides use the same thread count (`--threads`, default 2): the crate through
+`RAYON_NUM_THREADS`, PyTorch through `torch.set_num_threads`. Medians everywhere. Columns:
+
+* ``ndtransformer ms`` / ``PyTorch ms``: median wall time of the workload;
+* ``speed-up``: PyTorch time / crate time (above 1 means the crate is faster);
+* ``GFLOP/s``: the crate's rate, counting 2·M·N·K per matrix product (the FLOP counts come
+  from the benches' own `Throughput`);
+* ``% ceiling``: that rate over the machine's SGEMM ceiling, the faster of MKL (``torch.mm``)
+  and the crate's own kernel on a 2048³ product at the same thread count.
+
+For cached generation the table adds the read bandwidth (the ``memory/read_1GiB`` bench) and
+the time to stream the decoder's weights and the output projection once at that bandwidth,
+which bounds a cached decoding step from below.
+
+Usage::
+
+    python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+CRITERION = ROOT / "target" / "criterion"
+
+# The paper's base model (Table 3), as in the benches.
+D_MODEL, D_FF, LAYERS, VOCAB = 512, 2048, 6, 32000
+
+
+def cargo_bench(bench: str, filters: list[str], threads: int) -> None:
+    """Runs one criterion bench target restricted to the benchmarks matching `filters`."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    for pattern in filters:
+        cmd = ["cargo", "bench", "--quiet", "--bench", bench, "--", pattern]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def criterion_result(group: str, function: str) -> tuple[float, int | None]:
+    """(median ms, throughput elements or bytes) of a finished criterion benchmark."""
+    folder = CRITERION / group / function.replace("/", "_")
+    estimates = json.loads((folder / "new" / "estimates.json").read_text())
+    bench = json.loads((folder / "new" / "benchmark.json").read_text())
+    throughput = bench.get("throughput") or {}
+    amount = next(iter(throughput.values()), None)
+    return estimates["median"]["point_estimate"] / 1e6, amount
+
+
+def torch_json(script: str, threads: int, *extra: str) -> dict:
+    """Runs one of the PyTorch timing scripts with `--json` and returns its result."""
+    cmd = [sys.executable, str(TOOLS / script), "--threads", str(threads), "--json", *extra]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, cwd=TOOLS, check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])
+
+
+def mkl_sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> float:
+    """torch.mm on an n³ single-precision product: PyTorch's (MKL's) SGEMM rate."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def decoder_step_bytes() -> int:
+    """f32 bytes a cached step reads: each decoder layer's weights except the cross-attention
+    key/value projections (applied once to the memory), and the output projection."""
+    d, ff = D_MODEL, D_FF
+    self_attn = 4 * d * d + 4 * d
+    cross_attn = 2 * d * d + 2 * d
+    ffn = 2 * d * ff + ff + d
+    norms = 3 * 2 * d
+    per_layer = self_attn + cross_attn + ffn + norms
+    return 4 * (LAYERS * per_layer + VOCAB * d + VOCAB)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--skip-generation", action="store_true", help="forward workloads only")
+    args = parser.parse_args()
+    t = args.threads
+
+    cargo_bench("forward", ["model/", "ops/sgemm"], t)
+    torch_forward = torch_json("bench_torch_forward.py", t)
+    ours_sgemm, flops = criterion_result("ops", "sgemm_2048")
+    ceiling = max(mkl_sgemm_gflops(t), flops / (ours_sgemm * 1e6))
+
+    rows = []
+    for label, ours_id, torch_key in [
+        ("encoder, batch 8 × 128", "encoder_8x128", "encoder_8x128"),
+        ("full forward to logits, 8 × 128 → 8 × 128", "forward_logits_8x128", "full_forward_8x128_vocab32000"),
+        ("encoder latency, 1 × 32", "encoder_1x32", "encoder_latency_1x32"),
+    ]:
+        ms, work = criterion_result("model", ours_id)
+        gflops = work / (ms * 1e6)
+        rows.append((label, ms, torch_forward[torch_key], gflops, 100 * gflops / ceiling))
+
+    notes = [f"SGEMM ceiling at {t} thread(s): {ceiling:.0f} GFLOP/s"]
+    if not args.skip_generation:
+        cargo_bench("generation", ["generation_step/cached", "greedy_generation", "memory/"], t)
+        torch_gen = torch_json("bench_torch_generate.py", t)
+        ms, _ = criterion_result("greedy_generation", "cached_64_tokens_with_encoder")
+        rows.append(("greedy generation, 8 × 128 → 64 tokens", ms, torch_gen["total_ms"], None, None))
+        for step in ("1", "32", "64"):
+            ms, _ = criterion_result("generation_step", f"cached/step_{step}")
+            rows.append((f"  decoding step {step} (batch 8)", ms, torch_gen["step_ms"][step], None, None))
+        read_ms, read_bytes = criterion_result("memory", "read_1GiB")
+        bandwidth = read_bytes / (read_ms * 1e6)
+        stream_ms = decoder_step_bytes() / (bandwidth * 1e6)
+        notes.append(
+            f"read bandwidth {bandwidth:.1f} GB/s; streaming the decoder's weights and the output "
+            f"projection once ({decoder_step_bytes() / 1e6:.0f} MB) takes {stream_ms:.2f} ms"
+        )
+
+    header = ["workload", "ndtransformer ms", "PyTorch ms", "speed-up", "GFLOP/s", "% ceiling"]
+    lines = []
+    for label, ours, theirs, gflops, pct in rows:
+        cells = [label, f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}×"]
+        cells += [f"{gflops:.0f}" if gflops else "–", f"{pct:.0f}%" if pct else "–"]
+        lines.append(cells)
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for cells in lines:
+            print("| " + " | ".join(cells) + " |")
+    else:
+        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+        for cells in [header, *lines]:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()
