@@ -273,18 +273,28 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Below this eˣ is under f32's smallest normal; the softmax treats it as 0.
     const MIN: f32 = -87.0;
-    let clamped = x.clamp(MIN, 88.0);
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer with plain SSE2/AVX
-    // arithmetic (|x·log₂e| < 2²²), which vectorises where `round` would be a library call.
+    let clamped = x.max(MIN).min(88.0);
+    // Adding 1.5·2²³ rounds x·log₂e to the nearest integer n and leaves n in the low mantissa
+    // bits; subtracting it again gives n as a float. Plain vector arithmetic, where `round`
+    // and a float-to-int cast would not vectorise.
     const ROUND: f32 = 12_582_912.0;
-    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2ⁿ: n + 127 in the exponent field.
+    let scale = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(ROUND.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     if x < MIN {
         0.0
     } else {
