@@ -273,7 +273,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Below this eˣ is under f32's smallest normal; the softmax treats it as 0.
     const MIN: f32 = -87.0;
-    let clamped = x.max(MIN).min(88.0);
+    let clamped = x.clamp(MIN, 88.0);
     // Adding 1.5·2²³ rounds x·log₂e to the nearest integer n and leaves n in the low mantissa
     // bits; subtracting it again gives n as a float. Plain vector arithmetic, where `round`
     // and a float-to-int cast would not vectorise.
