@@ -84,6 +84,22 @@ fn main() -> Result<(), ndtransformer::Error> {
     );
     println!("time: encoder {encoded:.2?}, whole forward {total:.2?}");
 
+    // Memory: weights, the logits and a few layers' activations; repeated calls do not grow it.
+    let weights_mb = model.num_parameters() as f64 * 4.0 / 1e6;
+    let logits_mb = logits.len() as f64 * 4.0 / 1e6;
+    for call in 1..=3 {
+        let again = model.forward(
+            src.view(),
+            tgt.view(),
+            Some(&src_padding),
+            Some(&tgt_padding),
+        )?;
+        assert_eq!(again, logits);
+        if let Some(peak) = peak_rss_mb() {
+            println!("after forward call {call}: peak RSS {peak:.0} MB (weights {weights_mb:.0} MB, logits {logits_mb:.0} MB)");
+        }
+    }
+
     let first = logits.slice(ndarray::s![0, 0, ..]);
     let best =
         first.iter().enumerate().fold(
@@ -95,4 +111,12 @@ fn main() -> Result<(), ndtransformer::Error> {
         best.1, best.0
     );
     Ok(())
+}
+
+/// The process's peak resident set size in MB, where the OS reports it (Linux `VmHWM`).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
