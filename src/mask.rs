@@ -13,7 +13,7 @@
 //! and its attention output is the zero vector (PyTorch returns NaN there). Every code path,
 //! including the weights returned to the caller, follows this rule.
 
-use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
 
 use crate::error::{Error, Result};
 
@@ -218,19 +218,33 @@ impl<'a> Mask<'a> {
     }
 
     /// Sets the blocked entries of batch row `b`'s `[tgt_len, src_len]` scores to `-inf`.
-    pub(crate) fn apply(&self, b: usize, mut scores: ArrayViewMut2<f32>) {
-        let (tgt_len, src_len) = scores.dim();
+    pub(crate) fn apply(&self, b: usize, scores: ArrayViewMut2<f32>) {
+        let src_len = scores.ncols();
+        self.apply_keys(b, scores, 0, src_len);
+    }
+
+    /// As [`apply`](Self::apply) for the block of keys `key_start..key_start + scores.ncols()`
+    /// out of `src_len` (the streaming attention kernel works one key block at a time).
+    pub(crate) fn apply_keys(
+        &self,
+        b: usize,
+        mut scores: ArrayViewMut2<f32>,
+        key_start: usize,
+        src_len: usize,
+    ) {
+        let (tgt_len, width) = scores.dim();
+        let keys = key_start..key_start + width;
         if self.causal {
             for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
                 // Keys j with j + tgt_len > i + src_len are in the future of query i.
                 let first_hidden = (i + src_len + 1).saturating_sub(tgt_len);
-                for v in row.iter_mut().skip(first_hidden) {
+                for v in row.iter_mut().skip(first_hidden.saturating_sub(key_start)) {
                     *v = f32::NEG_INFINITY;
                 }
             }
         }
         if let Some(kp) = self.key_padding {
-            let pad = kp.is_padding.row(b);
+            let pad = kp.is_padding.slice(s![b, keys.clone()]);
             for mut row in scores.rows_mut() {
                 row.zip_mut_with(&pad, |v, &p| {
                     if p {
@@ -240,7 +254,7 @@ impl<'a> Mask<'a> {
             }
         }
         if let Some(am) = self.attn {
-            scores.zip_mut_with(&am.blocked, |v, &blocked| {
+            scores.zip_mut_with(&am.blocked.slice(s![.., keys]), |v, &blocked| {
                 if blocked {
                     *v = f32::NEG_INFINITY
                 }
@@ -329,5 +343,22 @@ mod tests {
         let am = AttnMask::from_blocked(Array2::from_elem((2, 3), false));
         assert!(Mask::none().with_attn_mask(&am).check(1, 2, 3).is_ok());
         assert!(Mask::none().with_attn_mask(&am).check(1, 3, 2).is_err());
+    }
+
+    #[test]
+    fn key_blocks_reassemble_the_whole_mask() {
+        let kp = KeyPaddingMask::from_lengths(&[5, 3], 7).unwrap();
+        let am =
+            AttnMask::from_blocked(Array2::from_shape_fn((4, 7), |(i, j)| (i + 2 * j) % 5 == 0));
+        let m = Mask::causal().with_key_padding(&kp).with_attn_mask(&am);
+        for b in 0..2 {
+            let whole = blocked_pattern(&m, b, 4, 7);
+            let mut pieces = Array2::<f32>::zeros((4, 7));
+            for start in [0, 3, 6] {
+                let end = (start + 3).min(7);
+                m.apply_keys(b, pieces.slice_mut(s![.., start..end]), start, 7);
+            }
+            assert_eq!(pieces.mapv(|v| v == f32::NEG_INFINITY), whole);
+        }
     }
 }

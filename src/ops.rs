@@ -216,6 +216,38 @@ pub(crate) fn softmax_slice(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// One step of the online (streaming) softmax over a block of a row's scores.
+///
+/// `running_max` and `running_sum` carry the row's maximum and `Σ exp(score − max)` over the
+/// blocks seen so far. The block's scores become `exp(score − new max)`, and the returned factor
+/// `exp(old max − new max)` rescales everything accumulated from earlier blocks. Masked (`-inf`)
+/// scores contribute exactly 0; a row that has seen only masked scores keeps a sum of 0.
+pub(crate) fn online_softmax_update(
+    mut row: ArrayViewMut1<f32>,
+    running_max: &mut f32,
+    running_sum: &mut f32,
+) -> f32 {
+    let mut correction = 1.0;
+    with_slice(row.view_mut(), |row| {
+        correction = online_softmax_slice(row, running_max, running_sum)
+    });
+    correction
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn online_softmax_slice(row: &mut [f32], running_max: &mut f32, running_sum: &mut f32) -> f32 {
+    let new_max = max_lanes(row).max(*running_max);
+    if new_max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return 1.0;
+    }
+    let correction = exp(*running_max - new_max);
+    row.iter_mut().for_each(|v| *v = exp(*v - new_max));
+    *running_sum = *running_sum * correction + sum_lanes_map(row, |v| v);
+    *running_max = new_max;
+    correction
+}
+
 /// Runs `f` on the row as a slice, copying it only if it is not contiguous.
 fn with_slice(mut row: ArrayViewMut1<f32>, f: impl FnOnce(&mut [f32])) {
     match row.as_slice_mut() {

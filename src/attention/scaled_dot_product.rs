@@ -4,7 +4,7 @@
 //! their variance does not grow with the width and push the softmax into flat regions, become
 //! weights over the values. Masked keys get weight 0 (see [`crate::mask`]).
 
-use ndarray::{Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Zip};
+use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4, Axis, Zip};
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
@@ -137,17 +137,77 @@ pub(crate) fn attend_into(
                     .and(k.axis_iter(Axis(0)))
                     .and(v.axis_iter(Axis(0)))
                     .par_for_each(|o, q, k, v| {
-                        let mut s = Array2::zeros((tgt_len, src_len));
-                        per_head(b, q, k, v, o, s.view_mut());
+                        if src_len >= STREAMING_MIN_KEYS {
+                            attend_head_streaming(b, q, k, v, mask, scale, o);
+                        } else {
+                            let mut s = Array2::zeros((tgt_len, src_len));
+                            per_head(b, q, k, v, o, s.view_mut());
+                        }
                     });
             }),
+    }
+}
+
+/// From this many keys on (and when no weights are returned) a head streams over blocks of
+/// keys with an online softmax, instead of materialising its `[tgt_len, src_len]` scores.
+const STREAMING_MIN_KEYS: usize = 1024;
+/// Keys per block of the streaming kernel: the block's scores stay in the L1/L2 cache.
+const KEY_BLOCK: usize = 256;
+
+/// One head of Eq. 1 without the full score matrix (the "online softmax" of Milakov &
+/// Gimelshein 2018, as in FlashAttention): for each block of keys, the scores, then the running
+/// maximum and sum per query, rescaling the output accumulated so far.
+fn attend_head_streaming(
+    b: usize,
+    q: ArrayView2<f32>,
+    k: ArrayView2<f32>,
+    v: ArrayView2<f32>,
+    mask: &Mask,
+    scale: f32,
+    mut out: ArrayViewMut2<f32>,
+) {
+    let (tgt_len, src_len) = (q.nrows(), k.nrows());
+    out.fill(0.0);
+    let mut running_max = vec![f32::NEG_INFINITY; tgt_len];
+    let mut running_sum = vec![0.0f32; tgt_len];
+    let mut block = Array2::zeros((tgt_len, KEY_BLOCK.min(src_len)));
+    for start in (0..src_len).step_by(KEY_BLOCK) {
+        let end = (start + KEY_BLOCK).min(src_len);
+        let mut scores = block.slice_mut(s![.., ..end - start]);
+        ops::matmul_into_serial(q, k.slice(s![start..end, ..]).t(), scale, 0.0, &mut scores);
+        mask.apply_keys(b, scores.view_mut(), start, src_len);
+        for (i, (row, mut out_row)) in scores
+            .rows_mut()
+            .into_iter()
+            .zip(out.rows_mut())
+            .enumerate()
+        {
+            let correction =
+                ops::online_softmax_update(row, &mut running_max[i], &mut running_sum[i]);
+            if correction != 1.0 {
+                out_row *= correction;
+            }
+        }
+        ops::matmul_into_serial(
+            scores.view(),
+            v.slice(s![start..end, ..]),
+            1.0,
+            1.0,
+            &mut out,
+        );
+    }
+    for (mut row, &sum) in out.rows_mut().into_iter().zip(&running_sum) {
+        // A query that saw no key keeps a zero output (the fully-masked-row rule).
+        if sum > 0.0 {
+            row *= 1.0 / sum;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mask::KeyPaddingMask;
+    use crate::mask::{AttnMask, KeyPaddingMask};
     use approx::assert_abs_diff_eq;
     use ndarray::{s, Array4};
 
@@ -248,5 +308,52 @@ mod tests {
         assert!(scaled_dot_product_attention(q.view(), k.view(), k.view(), &Mask::none()).is_err());
         let k = Array4::<f32>::zeros((2, 2, 5, 4));
         assert!(scaled_dot_product_attention(q.view(), k.view(), k.view(), &Mask::none()).is_err());
+    }
+
+    #[test]
+    fn streaming_kernel_equals_the_materialised_one() {
+        let (lq, lk, d) = (5, 700, 8);
+        let q = pseudo_random((2, 1, lq, d), 9);
+        let k = pseudo_random((2, 1, lk, d), 10).mapv(|x| 3.0 * x);
+        let v = pseudo_random((2, 1, lk, d), 11);
+        // Row 1 keeps 300 keys; with the pattern, query 0 of row 1 sees no key at all.
+        let kp = KeyPaddingMask::from_lengths(&[lk, 300], lk).unwrap();
+        let am =
+            AttnMask::from_blocked(Array2::from_shape_fn((lq, lk), |(i, j)| i == 0 && j < 300));
+        for mask in [
+            Mask::none(),
+            Mask::causal().with_key_padding(&kp).with_attn_mask(&am),
+        ] {
+            let expected =
+                scaled_dot_product_attention(q.view(), k.view(), v.view(), &mask).unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            for b in 0..2 {
+                let mut out = Array2::zeros((lq, d));
+                attend_head_streaming(
+                    b,
+                    q.slice(s![b, 0, .., ..]),
+                    k.slice(s![b, 0, .., ..]),
+                    v.slice(s![b, 0, .., ..]),
+                    &mask,
+                    scale,
+                    out.view_mut(),
+                );
+                assert_abs_diff_eq!(out, expected.slice(s![b, 0, .., ..]), epsilon = 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn long_sources_take_the_streaming_path_with_the_same_result() {
+        let (lq, lk, d) = (3, STREAMING_MIN_KEYS + 37, 4);
+        let q = pseudo_random((1, 2, lq, d), 12);
+        let kv = pseudo_random((1, 2, lk, d), 13);
+        let kp = KeyPaddingMask::from_lengths(&[lk - 500], lk).unwrap();
+        let mask = Mask::causal().with_key_padding(&kp);
+        let streamed = scaled_dot_product_attention(q.view(), kv.view(), kv.view(), &mask).unwrap();
+        let (materialised, _) =
+            scaled_dot_product_attention_with_weights(q.view(), kv.view(), kv.view(), &mask)
+                .unwrap();
+        assert_abs_diff_eq!(streamed, materialised, epsilon = 1e-5);
     }
 }
