@@ -68,6 +68,24 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
+    if m <= FEW_ROWS && threads == 1 && k * n <= FEW_ROWS_MAX_WORK {
+        few_rows_product(a, b, alpha, beta, c);
+        return;
+    }
+    blocked_product(a, b, alpha, beta, c, threads);
+}
+
+/// The `gemm` crate's blocked kernel (packing, AVX-512/AVX2 micro-kernels, `threads` threads).
+fn blocked_product(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+    threads: usize,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -104,6 +122,68 @@ fn gemm_into(
             parallelism,
         );
     }
+}
+
+/// At most this many rows (one decoding step's queries per head) go through
+/// [`few_rows_product`] instead of the blocked kernel, whose packing costs more than it saves.
+const FEW_ROWS: usize = 4;
+/// ... as long as the other operand is small (an attention head's keys or values).
+const FEW_ROWS_MAX_WORK: usize = 1 << 16;
+
+/// `c = alpha · a · b + beta · c` for a few rows of `a`, row by row: dot products with the
+/// columns of `b` when those are contiguous (`b = Kᵀ`), else scaled sums of the rows of `b`
+/// (`b = V`).
+fn few_rows_product(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    for (a_row, mut c_row) in a.rows().into_iter().zip(c.rows_mut()) {
+        if beta == 0.0 {
+            c_row.fill(0.0);
+        } else if beta != 1.0 {
+            c_row *= beta;
+        }
+        if b.strides()[0] == 1 {
+            for (c_ij, b_col) in c_row.iter_mut().zip(b.columns()) {
+                *c_ij += alpha * dot(a_row, b_col);
+            }
+        } else {
+            for (&a_il, b_row) in a_row.iter().zip(b.rows()) {
+                if a_il != 0.0 {
+                    c_row.scaled_add(alpha * a_il, &b_row);
+                }
+            }
+        }
+    }
+}
+
+/// `x · y` with [`LANES`] partial sums when both are contiguous.
+fn dot(x: ArrayView1<f32>, y: ArrayView1<f32>) -> f32 {
+    match (x.as_slice(), y.as_slice()) {
+        (Some(x), Some(y)) => dot_slices(x, y),
+        _ => x.dot(&y),
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn dot_slices(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (xc, yc) in xs.zip(ys) {
+        for ((a, &p), &q) in acc.iter_mut().zip(xc).zip(yc) {
+            *a += p * q;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// A non-linearity applied together with a bias, in one pass over the output.
@@ -498,5 +578,19 @@ mod tests {
         let mut strided = x.clone();
         softmax_rows_inplace(strided.view_mut().reversed_axes());
         assert_abs_diff_eq!(strided.t(), t.view(), epsilon = 1e-7);
+    }
+
+    #[test]
+    fn few_rows_path_matches_the_blocked_kernel() {
+        let a = Array2::from_shape_fn((3, 70), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+        let k = Array2::from_shape_fn((40, 70), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+        let v = Array2::from_shape_fn((70, 24), |(i, j)| ((i + 2 * j) % 7) as f32 * 0.2 - 0.6);
+        for b in [k.t(), v.view()] {
+            let mut small = Array2::from_elem((3, b.ncols()), 1.0f32);
+            let mut big = small.clone();
+            few_rows_product(a.view(), b, 0.5, 2.0, &mut small.view_mut());
+            blocked_product(a.view(), b, 0.5, 2.0, &mut big.view_mut(), 2);
+            assert_abs_diff_eq!(small, big, epsilon = 1e-5);
+        }
     }
 }

@@ -47,8 +47,9 @@ pub struct Transformer {
     positional: PositionalEncoding,
     pub(crate) encoder: Encoder,
     pub(crate) decoder: Decoder,
-    /// `[tgt_vocab, d_model]`; `None` when tied to the target embedding.
-    pub(crate) generator_weight: Option<Array2<f32>>,
+    /// The output projection's weight transposed, `[d_model, tgt_vocab]` (see [`Linear`](crate::Linear)
+    /// for why); `None` when tied to the target embedding.
+    generator_weight_t: Option<Array2<f32>>,
     pub(crate) generator_bias: Array1<f32>,
     /// A hash of the config and a sample of the weights, so a [`DecoderCache`] can tell
     /// whether it was made by this model (equal weights give equal fingerprints).
@@ -151,7 +152,8 @@ impl Transformer {
             positional,
             encoder,
             decoder,
-            generator_weight,
+            generator_weight_t: generator_weight
+                .map(|w| w.reversed_axes().as_standard_layout().into_owned()),
             generator_bias,
             fingerprint: 0,
         };
@@ -191,8 +193,8 @@ impl Transformer {
 
     /// The output projection's weight `[tgt_vocab, d_model]` (the target embedding when tied).
     pub fn output_weight(&self) -> ArrayView2<'_, f32> {
-        match &self.generator_weight {
-            Some(w) => w.view(),
+        match &self.generator_weight_t {
+            Some(w) => w.t(),
             None => self.tgt_embedding().weight(),
         }
     }

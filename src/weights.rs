@@ -446,8 +446,11 @@ pub(crate) fn visit_parameters(
     if let Some(n) = &model.decoder.norm {
         norm(&mut put, "transformer.decoder.norm", n);
     }
-    if let Some(w) = &model.generator_weight {
-        put("generator.weight".into(), w.view().into_dyn().into());
+    if !model.config().tie_output_projection {
+        put(
+            "generator.weight".into(),
+            model.output_weight().into_dyn().into(),
+        );
     }
     put(
         "generator.bias".into(),
