@@ -72,8 +72,45 @@ fn gemm_into(
         few_rows_product(a, b, alpha, beta, c);
         return;
     }
+    if SHORT_ROWS.contains(&m) {
+        short_product(a, b, alpha, beta, c, threads);
+        return;
+    }
     blocked_product(a, b, alpha, beta, c, threads);
 }
+
+/// Products with this many rows (a short sequence) use `matrixmultiply`'s AVX-512 kernels, which
+/// measured faster than `gemm`'s there (docs/gemm_backends.md; the encoder on one 32-token
+/// sequence went from 17.3 to 14.5 ms at 2 threads). With fewer rows (a decoding step) neither
+/// was clearly better, and `gemm` stays.
+const SHORT_ROWS: std::ops::RangeInclusive<usize> = 16..=32;
+
+/// `c = alpha · a · b + beta · c` through `matrixmultiply` (via ndarray), column blocks of `b`
+/// spread over `threads`.
+fn short_product(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+    threads: usize,
+) {
+    let n = b.ncols();
+    if threads <= 1 || n < 2 * SHORT_COLS {
+        ndarray::linalg::general_mat_mul(alpha, &a, &b, beta, c);
+        return;
+    }
+    let width = n.div_ceil(threads * 4).max(SHORT_COLS);
+    c.axis_chunks_iter_mut(Axis(1), width)
+        .into_par_iter()
+        .zip(b.axis_chunks_iter(Axis(1), width))
+        .for_each(|(mut c_block, b_block)| {
+            ndarray::linalg::general_mat_mul(alpha, &a, &b_block, beta, &mut c_block)
+        });
+}
+
+/// Narrowest column block [`short_product`] gives a thread.
+const SHORT_COLS: usize = 128;
 
 /// The `gemm` crate's blocked kernel (packing, AVX-512/AVX2 micro-kernels, `threads` threads).
 fn blocked_product(
@@ -591,6 +628,19 @@ mod tests {
             few_rows_product(a.view(), b, 0.5, 2.0, &mut small.view_mut());
             blocked_product(a.view(), b, 0.5, 2.0, &mut big.view_mut(), 2);
             assert_abs_diff_eq!(small, big, epsilon = 1e-5);
+        }
+    }
+
+    #[test]
+    fn short_products_match_the_blocked_kernel() {
+        let a = Array2::from_shape_fn((20, 70), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+        let w = Array2::from_shape_fn((600, 70), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+        for (beta, threads) in [(0.0, 1), (2.0, 2)] {
+            let mut short = Array2::from_elem((20, 600), 1.0f32);
+            let mut blocked = short.clone();
+            short_product(a.view(), w.t(), 0.5, beta, &mut short.view_mut(), threads);
+            blocked_product(a.view(), w.t(), 0.5, beta, &mut blocked.view_mut(), threads);
+            assert_abs_diff_eq!(short, blocked, epsilon = 1e-5);
         }
     }
 }
