@@ -12,7 +12,7 @@ use rand::Rng;
 use crate::attention::cache::{KeyValueCache, LayerCache};
 use crate::attention::multi_head::heads;
 use crate::attention::MultiHeadAttention;
-use crate::config::{Activation, NormPosition};
+use crate::config::{NormPosition, TransformerConfig};
 use crate::encoder::{check_input, check_widths, stack_width};
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
@@ -70,30 +70,23 @@ impl DecoderLayer {
         })
     }
 
-    /// A freshly initialised layer.
+    /// A freshly initialised layer with `config`'s widths, activation, norm order and eps.
     ///
     /// # Errors
-    /// [`Error::Config`] for a zero width, `d_model % num_heads != 0`, or a bad eps.
-    #[allow(clippy::too_many_arguments)]
-    pub fn init<R: Rng + ?Sized>(
-        d_model: usize,
-        num_heads: usize,
-        d_ff: usize,
-        activation: Activation,
-        norm_position: NormPosition,
-        eps: f32,
-        rng: &mut R,
-    ) -> Result<Self> {
-        let self_attn = MultiHeadAttention::init(d_model, num_heads, rng)?;
-        let cross_attn = MultiHeadAttention::init(d_model, num_heads, rng)?;
-        let feed_forward = FeedForward::init(d_model, d_ff, activation, rng);
+    /// [`Error::Config`] naming the field if `config.validate()` fails.
+    pub fn init<R: Rng + ?Sized>(config: &TransformerConfig, rng: &mut R) -> Result<Self> {
+        config.validate()?;
+        let (d_model, eps) = (config.d_model, config.layer_norm_eps);
+        let self_attn = MultiHeadAttention::init(d_model, config.num_heads, rng)?;
+        let cross_attn = MultiHeadAttention::init(d_model, config.num_heads, rng)?;
+        let feed_forward = FeedForward::init(d_model, config.d_ff, config.activation, rng);
         let norm = || LayerNorm::identity(d_model, eps);
         Self::new(
             self_attn,
             cross_attn,
             feed_forward,
             [norm()?, norm()?, norm()?],
-            norm_position,
+            config.norm_position,
         )
     }
 
@@ -397,9 +390,20 @@ mod tests {
     use ndarray::{s, Array3};
     use rand::{rngs::StdRng, RngExt, SeedableRng};
 
+    fn tiny(norm_position: NormPosition) -> TransformerConfig {
+        TransformerConfig {
+            d_model: 8,
+            num_heads: 2,
+            d_ff: 16,
+            activation: crate::config::Activation::Gelu,
+            norm_position,
+            ..TransformerConfig::base(10, 10)
+        }
+    }
+
     fn decoder(position: NormPosition, rng: &mut StdRng) -> Decoder {
         let layers = (0..2)
-            .map(|_| DecoderLayer::init(8, 2, 16, Activation::Gelu, position, 1e-5, rng).unwrap())
+            .map(|_| DecoderLayer::init(&tiny(position), rng).unwrap())
             .collect();
         Decoder::new(layers, Some(LayerNorm::identity(8, 1e-5).unwrap())).unwrap()
     }

@@ -83,30 +83,10 @@ impl Transformer {
         let src_embed = Embedding::init(c.src_vocab, c.d_model, rng);
         let tgt_embed = (!c.share_embeddings).then(|| Embedding::init(c.tgt_vocab, c.d_model, rng));
         let encoder_layers = (0..c.num_encoder_layers)
-            .map(|_| {
-                EncoderLayer::init(
-                    c.d_model,
-                    c.num_heads,
-                    c.d_ff,
-                    c.activation,
-                    c.norm_position,
-                    c.layer_norm_eps,
-                    rng,
-                )
-            })
+            .map(|_| EncoderLayer::init(c, rng))
             .collect::<Result<Vec<_>>>()?;
         let decoder_layers = (0..c.num_decoder_layers)
-            .map(|_| {
-                DecoderLayer::init(
-                    c.d_model,
-                    c.num_heads,
-                    c.d_ff,
-                    c.activation,
-                    c.norm_position,
-                    c.layer_norm_eps,
-                    rng,
-                )
-            })
+            .map(|_| DecoderLayer::init(c, rng))
             .collect::<Result<Vec<_>>>()?;
         let encoder = Encoder::new(
             encoder_layers,
