@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{s, Array1, Array2};
 use ndtransformer::{
     BeamSearchOptions, GreedyOptions, KeyPaddingMask, MaxLength, Transformer, TransformerConfig,
@@ -90,8 +91,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         |(_, t)| if t == 0 { bos } else { 3 + t as u32 },
     );
     let mut cache = model.start_decoding(memory.view(), Some(&padding))?;
-    println!("{:>6} {:>12} {:>14}", "step", "cached ms", "uncached ms");
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40.cyan/blue}] step {pos}/{len}",
+    )?);
+    let mut rows: Vec<(usize, f64, f64)> = Vec::new();
     for t in 0..steps {
+        bar.inc(1);
         let start = Instant::now();
         let tokens: Array1<u32> = tgt.column(t).to_owned();
         model.decode_step(tokens.view(), &mut cache)?;
@@ -102,13 +108,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 model.decode(tgt.slice(s![.., ..=t]), memory.view(), Some(&padding), None)?;
             model.project(decoded.slice(s![.., t.., ..]))?;
             let uncached = start.elapsed();
-            println!(
-                "{:>6} {:>12.2} {:>14.2}",
+            rows.push((
                 t + 1,
                 cached.as_secs_f64() * 1e3,
-                uncached.as_secs_f64() * 1e3
-            );
+                uncached.as_secs_f64() * 1e3,
+            ));
         }
+    }
+    bar.finish_and_clear();
+    println!("{:>6} {:>12} {:>14}", "step", "cached ms", "uncached ms");
+    for (step, cached, uncached) in rows {
+        println!("{step:>6} {cached:>12.2} {uncached:>14.2}");
     }
     Ok(())
 }
