@@ -4,6 +4,7 @@
 //!
 //! `cargo test --test trained_model -- --nocapture` prints the errors and timings.
 
+mod common;
 #[path = "../examples/dates/mod.rs"]
 mod dates;
 #[path = "../examples/dates/plot.rs"]
@@ -13,11 +14,10 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use common::TensorFile;
 use dates::{Date, DatesModel};
 use ndarray::{s, Array2, Array3};
 use ndtransformer::KeyPaddingMask;
-use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn model() -> &'static DatesModel {
@@ -26,68 +26,30 @@ fn model() -> &'static DatesModel {
 }
 
 /// `assets/dates/reference.safetensors`, written by `tools/train_dates.py`.
-struct Reference {
-    bytes: Vec<u8>,
-}
+struct Reference(TensorFile);
 
 impl Reference {
     fn load() -> Reference {
-        let path = dates::default_assets_dir().join("reference.safetensors");
-        Reference {
-            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
+        Reference(TensorFile::read(
+            &dates::default_assets_dir().join("reference.safetensors"),
+        ))
     }
 
-    fn tensors(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.bytes).unwrap()
-    }
-
-    /// An int64 tensor `[rows, cols]` as token ids.
     fn ids(&self, name: &str) -> Array2<u32> {
-        let st = self.tensors();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(8)
-            .map(|b| u32::try_from(i64::from_le_bytes(b.try_into().unwrap())).unwrap())
-            .collect();
-        Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
+        self.0.ids(name)
     }
 
     /// A uint8 mask (1 = padding).
     fn padding(&self, name: &str) -> KeyPaddingMask {
-        let st = self.tensors();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::U8, "{name}");
-        let flags = t.data().iter().map(|&b| b != 0).collect();
-        KeyPaddingMask::from_padding_flags(
-            Array2::from_shape_vec((t.shape()[0], t.shape()[1]), flags).unwrap(),
-        )
+        KeyPaddingMask::from_padding_flags(self.0.flags(name))
     }
 
     fn logits(&self, name: &str) -> Array3<f32> {
-        let st = self.tensors();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let sh = t.shape();
-        Array3::from_shape_vec((sh[0], sh[1], sh[2]), v).unwrap()
+        self.0.f32(name).into_dimensionality().unwrap()
     }
 
-    /// A header metadata entry, parsed as JSON.
     fn meta(&self, key: &str) -> Value {
-        let (_, metadata) = SafeTensors::read_metadata(&self.bytes).unwrap();
-        let text = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(key))
-            .unwrap_or_else(|| panic!("reference.safetensors has no metadata {key}"));
-        serde_json::from_str(text).unwrap()
+        self.0.metadata_json(key)
     }
 
     fn strings(&self, key: &str) -> Vec<String> {

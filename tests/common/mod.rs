@@ -14,50 +14,19 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// One fixture: the JSON sidecar and the safetensors bytes.
-pub struct Fixture {
+/// Named tensors of a safetensors file, read as the tests need them.
+pub struct TensorFile {
     pub name: String,
-    pub json: Value,
     pub bytes: Vec<u8>,
 }
 
-impl Fixture {
-    pub fn load(stem: &str) -> Fixture {
-        let dir = fixtures_dir();
-        let json: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap(),
-        )
-        .unwrap();
-        let bytes = std::fs::read(dir.join(format!("{stem}.safetensors"))).unwrap();
-        Fixture {
-            name: stem.to_string(),
-            json,
+impl TensorFile {
+    pub fn read(path: &Path) -> TensorFile {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        TensorFile {
+            name: path.display().to_string(),
             bytes,
         }
-    }
-
-    /// Every fixture whose sidecar has `"kind": kind`, sorted by name.
-    pub fn all_of_kind(kind: &str) -> Vec<Fixture> {
-        let mut stems: Vec<String> = std::fs::read_dir(fixtures_dir())
-            .unwrap()
-            .filter_map(|e| {
-                let path = e.unwrap().path();
-                (path.extension()? == "safetensors")
-                    .then(|| path.file_stem().unwrap().to_string_lossy().into_owned())
-            })
-            .collect();
-        stems.sort();
-        let found: Vec<Fixture> = stems
-            .iter()
-            .map(|s| Fixture::load(s))
-            .filter(|f| f.json["kind"] == kind)
-            .collect();
-        assert!(
-            !found.is_empty(),
-            "no fixture of kind {kind} in {}",
-            fixtures_dir().display()
-        );
-        found
     }
 
     fn tensors(&self) -> SafeTensors<'_> {
@@ -85,7 +54,9 @@ impl Fixture {
     /// An int64 id tensor as u32 token ids.
     pub fn ids(&self, name: &str) -> Array2<u32> {
         let st = self.tensors();
-        let t = st.tensor(name).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name}", self.name));
         assert_eq!(t.dtype(), Dtype::I64, "{name}");
         let v = t
             .data()
@@ -98,13 +69,80 @@ impl Fixture {
     /// A uint8 mask (1 = True) as bools.
     pub fn flags(&self, name: &str) -> Array2<bool> {
         let st = self.tensors();
-        let t = st.tensor(name).unwrap();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name}", self.name));
         assert_eq!(t.dtype(), Dtype::U8, "{name}");
         Array2::from_shape_vec(
             (t.shape()[0], t.shape()[1]),
             t.data().iter().map(|&b| b != 0).collect(),
         )
         .unwrap()
+    }
+
+    /// A header metadata entry, parsed as JSON.
+    pub fn metadata_json(&self, key: &str) -> Value {
+        let (_, metadata) = SafeTensors::read_metadata(&self.bytes).unwrap();
+        let text = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .unwrap_or_else(|| panic!("{}: no metadata {key}", self.name));
+        serde_json::from_str(text).unwrap()
+    }
+}
+
+/// One fixture: the JSON sidecar and the safetensors file.
+pub struct Fixture {
+    pub name: String,
+    pub json: Value,
+    pub tensors: TensorFile,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = TensorFile;
+    fn deref(&self) -> &TensorFile {
+        &self.tensors
+    }
+}
+
+impl Fixture {
+    pub fn load(stem: &str) -> Fixture {
+        let dir = fixtures_dir();
+        let json: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap(),
+        )
+        .unwrap();
+        let tensors = TensorFile::read(&dir.join(format!("{stem}.safetensors")));
+        Fixture {
+            name: stem.to_string(),
+            json,
+            tensors,
+        }
+    }
+
+    /// Every fixture whose sidecar has `"kind": kind`, sorted by name.
+    pub fn all_of_kind(kind: &str) -> Vec<Fixture> {
+        let mut stems: Vec<String> = std::fs::read_dir(fixtures_dir())
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.unwrap().path();
+                (path.extension()? == "safetensors")
+                    .then(|| path.file_stem().unwrap().to_string_lossy().into_owned())
+            })
+            .collect();
+        stems.sort();
+        let found: Vec<Fixture> = stems
+            .iter()
+            .map(|s| Fixture::load(s))
+            .filter(|f| f.json["kind"] == kind)
+            .collect();
+        assert!(
+            !found.is_empty(),
+            "no fixture of kind {kind} in {}",
+            fixtures_dir().display()
+        );
+        found
     }
 
     /// The `TransformerConfig` of a transformer or greedy fixture's `config` block.
