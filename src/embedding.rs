@@ -70,6 +70,11 @@ impl Embedding {
     /// [`Error::TokenOutOfRange`] for an id ≥ vocab, [`Error::Empty`] for an empty batch.
     pub fn forward(&self, ids: ArrayView2<u32>) -> Result<Array3<f32>> {
         check_ids(ids, self.vocab(), "token ids")?;
+        Ok(self.lookup(ids))
+    }
+
+    /// [`forward`](Self::forward) for ids already checked against the vocabulary.
+    pub(crate) fn lookup(&self, ids: ArrayView2<u32>) -> Array3<f32> {
         let (batch, seq) = ids.dim();
         let scale = (self.d_model() as f32).sqrt();
         let mut out = Array3::zeros((batch, seq, self.d_model()));
@@ -78,7 +83,7 @@ impl Embedding {
                 v.zip_mut_with(&self.weight.row(id as usize), |o, &w| *o = w * scale);
             }
         }
-        Ok(out)
+        out
     }
 }
 

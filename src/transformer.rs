@@ -218,7 +218,7 @@ impl Transformer {
                 max_len: self.config.max_len,
             });
         }
-        let mut x = table.forward(ids)?;
+        let mut x = table.lookup(ids);
         self.positional.add_at(x.view_mut(), 0)?;
         Ok(x)
     }
@@ -480,7 +480,7 @@ impl Transformer {
         let ids = tokens.insert_axis(Axis(1));
         let table = self.tgt_embedding();
         check_ids(ids, table.vocab(), "target ids")?;
-        let mut x = table.forward(ids)?;
+        let mut x = table.lookup(ids);
         self.positional.add_at(x.view_mut(), cache.len)?;
         let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
         let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);

@@ -135,12 +135,7 @@ impl MultiHeadAttention {
         mask: &Mask,
     ) -> Result<Array3<f32>> {
         self.check(query, key, value, mask)?;
-        let (q, k, v) = (
-            self.split_heads(query, &self.q_proj),
-            self.split_heads(key, &self.k_proj),
-            self.split_heads(value, &self.v_proj),
-        );
-        Ok(self.attend(heads(&q), heads(&k), heads(&v), mask, None))
+        Ok(self.project_and_attend(query, key, value, mask, None))
     }
 
     /// As [`forward`](Self::forward), also returning each head's attention weights
@@ -153,14 +148,9 @@ impl MultiHeadAttention {
         mask: &Mask,
     ) -> Result<(Array3<f32>, Array4<f32>)> {
         self.check(query, key, value, mask)?;
-        let (q, k, v) = (
-            self.split_heads(query, &self.q_proj),
-            self.split_heads(key, &self.k_proj),
-            self.split_heads(value, &self.v_proj),
-        );
         let (b, tgt_len, src_len) = (query.shape()[0], query.shape()[1], key.shape()[1]);
         let mut weights = Array4::zeros((b, self.num_heads, tgt_len, src_len));
-        let out = self.attend(heads(&q), heads(&k), heads(&v), mask, Some(&mut weights));
+        let out = self.project_and_attend(query, key, value, mask, Some(&mut weights));
         Ok((out, weights))
     }
 
@@ -172,9 +162,21 @@ impl MultiHeadAttention {
         mask: &Mask,
         weights: Option<&mut Array4<f32>>,
     ) -> Array3<f32> {
+        self.project_and_attend(query, key_value, key_value, mask, weights)
+    }
+
+    /// Projects query, key and value, runs the heads and the output projection.
+    fn project_and_attend(
+        &self,
+        query: ArrayView3<f32>,
+        key: ArrayView3<f32>,
+        value: ArrayView3<f32>,
+        mask: &Mask,
+        weights: Option<&mut Array4<f32>>,
+    ) -> Array3<f32> {
         let q = self.split_heads(query, &self.q_proj);
-        let k = self.split_heads(key_value, &self.k_proj);
-        let v = self.split_heads(key_value, &self.v_proj);
+        let k = self.split_heads(key, &self.k_proj);
+        let v = self.split_heads(value, &self.v_proj);
         self.attend(heads(&q), heads(&k), heads(&v), mask, weights)
     }
 
