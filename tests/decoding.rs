@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, Fixture};
+use common::{assert_close, Fixture, GreedyCase};
 use ndarray::{array, s, Array1, Array2, Axis};
 use ndtransformer::{
     BeamSearchOptions, Error, GreedyOptions, KeyPaddingMask, MaxLength, NormPosition, Transformer,
@@ -79,13 +79,16 @@ fn cached_steps_equal_full_recomputation_post_and_pre_ln() {
 fn greedy_reproduces_pytorch_fixture_ids_and_step_logits() {
     for fx in Fixture::all_of_kind("greedy") {
         let model = fx.model();
-        let src = fx.ids("io.src_ids");
-        let src_padding = KeyPaddingMask::from_padding_flags(fx.flags("io.src_key_padding_mask"));
-        let expected_ids = fx.ids("io.greedy_ids");
-        let step_logits = fx.f32("io.step_logits");
-        let steps = step_logits.shape()[1];
-        let bos = fx.json["greedy"]["bos_id"].as_u64().unwrap() as u32;
-        let eos = fx.json["greedy"]["eos"].as_u64().map(|e| e as u32);
+        let case = fx.greedy_case();
+        let steps = case.steps();
+        let GreedyCase {
+            src,
+            src_padding,
+            expected_ids,
+            step_logits,
+            bos,
+            eos,
+        } = case;
 
         let out = model
             .greedy_decode(

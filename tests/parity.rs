@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, Fixture};
+use common::{assert_close, Fixture, GreedyCase};
 use ndarray::{s, Array2, Axis};
 use ndtransformer::{AttnMask, KeyPaddingMask, Mask, MultiHeadAttention};
 
@@ -161,12 +161,16 @@ fn mha_fixture_matches_pytorch_output_and_per_head_weights() {
 fn greedy_fixture_ids_and_step_logits_by_full_recomputation() {
     for fx in Fixture::all_of_kind("greedy") {
         let model = fx.model();
-        let src = fx.ids("io.src_ids");
-        let src_padding = KeyPaddingMask::from_padding_flags(fx.flags("io.src_key_padding_mask"));
-        let expected_ids = fx.ids("io.greedy_ids");
-        let step_logits = fx.f32("io.step_logits");
-        let steps = step_logits.shape()[1];
-        let bos = fx.json["greedy"]["bos_id"].as_u64().unwrap() as u32;
+        let case = fx.greedy_case();
+        let steps = case.steps();
+        let GreedyCase {
+            src,
+            src_padding,
+            expected_ids,
+            step_logits,
+            bos,
+            ..
+        } = case;
         let memory = model.encode(src.view(), Some(&src_padding)).unwrap();
         let mut ys = Array2::from_elem((src.nrows(), 1), bos);
         for step in 0..steps {

@@ -185,6 +185,40 @@ impl Fixture {
     }
 }
 
+/// A greedy fixture's inputs and expected outputs.
+pub struct GreedyCase {
+    pub src: Array2<u32>,
+    pub src_padding: ndtransformer::KeyPaddingMask,
+    /// `[batch, 1 + steps]`, BOS first.
+    pub expected_ids: Array2<u32>,
+    /// `[batch, steps, tgt_vocab]`.
+    pub step_logits: ArrayD<f32>,
+    pub bos: u32,
+    pub eos: Option<u32>,
+}
+
+impl Fixture {
+    pub fn greedy_case(&self) -> GreedyCase {
+        let greedy = &self.json["greedy"];
+        GreedyCase {
+            src: self.ids("io.src_ids"),
+            src_padding: ndtransformer::KeyPaddingMask::from_padding_flags(
+                self.flags("io.src_key_padding_mask"),
+            ),
+            expected_ids: self.ids("io.greedy_ids"),
+            step_logits: self.f32("io.step_logits"),
+            bos: greedy["bos_id"].as_u64().unwrap() as u32,
+            eos: greedy["eos"].as_u64().map(|e| e as u32),
+        }
+    }
+}
+
+impl GreedyCase {
+    pub fn steps(&self) -> usize {
+        self.step_logits.shape()[1]
+    }
+}
+
 /// Max |a - b|, after checking the shapes agree.
 pub fn max_abs_err<D: ndarray::Dimension>(
     what: &str,
