@@ -23,7 +23,65 @@ pub enum NormPosition {
     Pre,
 }
 
-/// Every hyper-parameter of a [`Transformer`](crate::Transformer).
+/// Where the model learns word order from (§3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Positions {
+    /// The fixed sine/cosine table of §3.5, the paper's choice.
+    #[default]
+    Sinusoidal,
+    /// A learned `[max_len, d_model]` table, which the paper found "nearly identical"
+    /// (§3.5, Table 3 row E) and which BERT-style encoders use.
+    Learned,
+}
+
+/// How token ids become the first layer's input (§3.4, §3.5):
+/// `x = E[id]·s + P[pos] (+ T[type])`, then an optional LayerNorm.
+///
+/// The paper's recipe is [`EmbeddingConfig::paper`]; BERT-style encoders (all-MiniLM, …) use
+/// [`EmbeddingConfig::bert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingConfig {
+    /// Multiply token embeddings by `s = √d_model` (§3.4); `false` means `s = 1`.
+    pub scale: bool,
+    /// Sinusoidal or learned positions.
+    pub positions: Positions,
+    /// Number of token types ("segments") with a learned embedding each, added to every
+    /// position; 0 means none.
+    pub type_vocab: usize,
+    /// A LayerNorm over the sum (BERT's `embeddings.LayerNorm`).
+    pub norm: bool,
+}
+
+impl EmbeddingConfig {
+    /// The paper: scaled token embeddings plus the sinusoidal table, no types, no norm.
+    pub const fn paper() -> Self {
+        EmbeddingConfig {
+            scale: true,
+            positions: Positions::Sinusoidal,
+            type_vocab: 0,
+            norm: false,
+        }
+    }
+
+    /// BERT: unscaled token embeddings, learned positions, `type_vocab` token types, a norm.
+    pub const fn bert(type_vocab: usize) -> Self {
+        EmbeddingConfig {
+            scale: false,
+            positions: Positions::Learned,
+            type_vocab,
+            norm: true,
+        }
+    }
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
+
+/// Every hyper-parameter of a [`Transformer`](crate::Transformer) or an encoder-only
+/// [`EncoderModel`](crate::EncoderModel).
 ///
 /// Field names follow the paper: `d_model`, `num_heads` (h), `d_ff`, and N as
 /// `num_encoder_layers` / `num_decoder_layers`.
@@ -62,6 +120,11 @@ pub struct TransformerConfig {
     pub share_embeddings: bool,
     /// The output projection reuses the target embedding matrix (§3.4).
     pub tie_output_projection: bool,
+    /// How ids become vectors: scaling, positions, token types, embedding norm.
+    pub embedding: EmbeddingConfig,
+    /// A LayerNorm after the last layer of each stack, as PyTorch's `nn.Transformer` always
+    /// has (`encoder.norm`, `decoder.norm`); BERT-style encoders have none.
+    pub final_norm: bool,
 }
 
 impl TransformerConfig {
@@ -81,6 +144,8 @@ impl TransformerConfig {
             layer_norm_eps: 1e-5,
             share_embeddings: false,
             tie_output_projection: false,
+            embedding: EmbeddingConfig::paper(),
+            final_norm: true,
         }
     }
 
@@ -101,44 +166,12 @@ impl TransformerConfig {
 
     /// Checks every field; the error names the first bad field and its value.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("d_model", self.d_model),
-            ("num_heads", self.num_heads),
-            ("d_ff", self.d_ff),
-            ("num_encoder_layers", self.num_encoder_layers),
+        self.validate_encoder()?;
+        positive(&[
             ("num_decoder_layers", self.num_decoder_layers),
-            ("src_vocab", self.src_vocab),
             ("tgt_vocab", self.tgt_vocab),
-            ("max_len", self.max_len),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(Error::config(
-                    field,
-                    format!("{field} is 0, it must be at least 1"),
-                ));
-            }
-        }
-        validate_heads(self.d_model, self.num_heads)?;
-        validate_eps(self.layer_norm_eps)?;
-        if self.src_vocab > u32::MAX as usize + 1 {
-            return Err(Error::config(
-                "src_vocab",
-                format!(
-                    "src_vocab {} exceeds the u32 token-id range",
-                    self.src_vocab
-                ),
-            ));
-        }
-        if self.tgt_vocab > u32::MAX as usize + 1 {
-            return Err(Error::config(
-                "tgt_vocab",
-                format!(
-                    "tgt_vocab {} exceeds the u32 token-id range",
-                    self.tgt_vocab
-                ),
-            ));
-        }
+        ])?;
+        within_u32("tgt_vocab", self.tgt_vocab)?;
         if self.share_embeddings && self.src_vocab != self.tgt_vocab {
             return Err(Error::config(
                 "share_embeddings",
@@ -150,6 +183,45 @@ impl TransformerConfig {
         }
         Ok(())
     }
+
+    /// Checks the fields an encoder-only model uses: widths, heads, `num_encoder_layers`,
+    /// `src_vocab`, `max_len`, eps. The decoder's fields are ignored.
+    pub fn validate_encoder(&self) -> Result<()> {
+        positive(&[
+            ("d_model", self.d_model),
+            ("num_heads", self.num_heads),
+            ("d_ff", self.d_ff),
+            ("num_encoder_layers", self.num_encoder_layers),
+            ("src_vocab", self.src_vocab),
+            ("max_len", self.max_len),
+        ])?;
+        validate_heads(self.d_model, self.num_heads)?;
+        validate_eps(self.layer_norm_eps)?;
+        within_u32("src_vocab", self.src_vocab)?;
+        within_u32("embedding.type_vocab", self.embedding.type_vocab)
+    }
+}
+
+fn positive(fields: &[(&'static str, usize)]) -> Result<()> {
+    for &(field, value) in fields {
+        if value == 0 {
+            return Err(Error::config(
+                field,
+                format!("{field} is 0, it must be at least 1"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn within_u32(field: &'static str, value: usize) -> Result<()> {
+    if value > u32::MAX as usize + 1 {
+        return Err(Error::config(
+            field,
+            format!("{field} {value} exceeds the u32 token-id range"),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn validate_heads(d_model: usize, num_heads: usize) -> Result<()> {

@@ -70,13 +70,13 @@ impl Embedding {
     /// [`Error::TokenOutOfRange`] for an id ≥ vocab, [`Error::Empty`] for an empty batch.
     pub fn forward(&self, ids: ArrayView2<u32>) -> Result<Array3<f32>> {
         check_ids(ids, self.vocab(), "token ids")?;
-        Ok(self.lookup(ids))
+        Ok(self.lookup(ids, (self.d_model() as f32).sqrt()))
     }
 
-    /// [`forward`](Self::forward) for ids already checked against the vocabulary.
-    pub(crate) fn lookup(&self, ids: ArrayView2<u32>) -> Array3<f32> {
+    /// Rows of the table for ids already checked against the vocabulary, times `scale`
+    /// (√d_model for the paper's model, 1 for BERT-style ones).
+    pub(crate) fn lookup(&self, ids: ArrayView2<u32>, scale: f32) -> Array3<f32> {
         let (batch, seq) = ids.dim();
-        let scale = (self.d_model() as f32).sqrt();
         let mut out = Array3::zeros((batch, seq, self.d_model()));
         for (mut out_row, id_row) in out.outer_iter_mut().zip(ids.outer_iter()) {
             for (mut v, &id) in out_row.axis_iter_mut(Axis(0)).zip(id_row.iter()) {

@@ -58,9 +58,9 @@ impl EncoderLayer {
     /// A freshly initialised layer with `config`'s widths, activation, norm order and eps.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the field if `config.validate()` fails.
+    /// [`Error::Config`] naming the field if `config.validate_encoder()` fails.
     pub fn init<R: Rng + ?Sized>(config: &TransformerConfig, rng: &mut R) -> Result<Self> {
-        config.validate()?;
+        config.validate_encoder()?;
         let (d_model, eps) = (config.d_model, config.layer_norm_eps);
         let self_attn = MultiHeadAttention::init(d_model, config.num_heads, rng)?;
         let feed_forward = FeedForward::init(d_model, config.d_ff, config.activation, rng);

@@ -70,20 +70,25 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod bert;
 mod config;
 mod decoder;
 mod decoding;
 mod embedding;
 mod encoder;
+mod encoder_model;
 mod error;
 mod feed_forward;
 pub mod init;
+mod input_embedding;
 mod layer_norm;
 mod linear;
 pub mod mask;
 pub mod ops;
+mod pooling;
 mod positional;
 mod residual;
+mod sentence;
 mod transformer;
 pub mod weights;
 
@@ -91,16 +96,20 @@ pub use attention::{
     scaled_dot_product_attention, scaled_dot_product_attention_with_weights, DecoderCache,
     MultiHeadAttention,
 };
-pub use config::{Activation, NormPosition, TransformerConfig};
+pub use config::{Activation, EmbeddingConfig, NormPosition, Positions, TransformerConfig};
 pub use decoder::{Decoder, DecoderLayer, DecoderTrace};
 pub use decoding::{length_penalty, BeamSearchOptions, GreedyOptions, Hypothesis, MaxLength};
 pub use embedding::Embedding;
 pub use encoder::{Encoder, EncoderLayer, EncoderTrace};
+pub use encoder_model::EncoderModel;
 pub use error::{Error, Result};
 pub use feed_forward::FeedForward;
+pub use input_embedding::InputEmbedding;
 pub use layer_norm::LayerNorm;
 pub use linear::Linear;
 pub use mask::{AttnMask, KeyPaddingMask, Mask};
+pub use pooling::{l2_normalize, pool, Pooling};
 pub use positional::PositionalEncoding;
+pub use sentence::SentenceEncoder;
 pub use transformer::{Transformer, TransformerTrace};
 pub use weights::LoadOptions;

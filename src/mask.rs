@@ -59,6 +59,22 @@ impl KeyPaddingMask {
         }
     }
 
+    /// From a tokenizer's `attention_mask` `[batch, seq]` of integers: non-zero marks a real
+    /// token, zero a padding position (Hugging Face's convention).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use ndtransformer::KeyPaddingMask;
+    /// let mask = KeyPaddingMask::from_attention_mask(array![[1u32, 1, 0]].view());
+    /// assert_eq!(mask.is_padding(), array![[false, false, true]]);
+    /// ```
+    pub fn from_attention_mask<T: Copy + PartialEq + Default>(mask: ArrayView2<T>) -> Self {
+        let zero = T::default();
+        KeyPaddingMask {
+            is_padding: mask.mapv(|v| v == zero),
+        }
+    }
+
     /// The flags, `[batch, src_len]`, true = padding.
     pub fn is_padding(&self) -> ArrayView2<'_, bool> {
         self.is_padding.view()

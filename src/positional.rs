@@ -1,14 +1,18 @@
-//! Sinusoidal positional encoding (§3.5).
+//! Positional encoding (§3.5): the paper's sinusoidal table, or a learned one.
 //!
 //! `PE(pos, 2i) = sin(pos / 10000^(2i/d_model))`, `PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model))`.
 //! Attention itself is blind to order; adding these fixed waves gives each position a signature
 //! from which relative offsets are linear functions, so the model can attend by position.
+//! The paper also tried a learned table "and found that the two versions produced nearly
+//! identical results" (Table 3, row E); BERT-style encoders use one, so the same type holds
+//! either, and both are added to the embeddings the same way.
 
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut3};
 
 use crate::error::{Error, Result};
 
-/// The table of §3.5, precomputed for positions `0..max_len` (sin and cos interleaved).
+/// A `[max_len, d_model]` table of position vectors added to the embeddings: the sinusoids of
+/// §3.5 (sin and cos interleaved), precomputed, or a learned table.
 ///
 /// ```
 /// use ndtransformer::PositionalEncoding;
@@ -40,9 +44,28 @@ impl PositionalEncoding {
         PositionalEncoding { table }
     }
 
+    /// A learned table `[max_len, d_model]` (e.g. BERT's `position_embeddings.weight`).
+    ///
+    /// # Errors
+    /// [`Error::Empty`] if the table has no rows or columns.
+    pub fn learned(table: Array2<f32>) -> Result<Self> {
+        if table.is_empty() {
+            return Err(Error::Empty {
+                what: "learned position table".into(),
+                shape: table.shape().to_vec(),
+            });
+        }
+        Ok(PositionalEncoding { table })
+    }
+
     /// Number of positions the table covers.
     pub fn max_len(&self) -> usize {
         self.table.nrows()
+    }
+
+    /// Width of each position vector.
+    pub fn d_model(&self) -> usize {
+        self.table.ncols()
     }
 
     /// The first `len` rows, `[len, d_model]`.

@@ -12,6 +12,7 @@ use crate::decoder::{check_decoder_inputs, Decoder, DecoderLayer, DecoderTrace};
 use crate::embedding::{check_ids, Embedding};
 use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
 use crate::error::{Error, Result};
+use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::mask::{KeyPaddingMask, Mask};
 use crate::ops;
@@ -44,7 +45,7 @@ pub struct Transformer {
     pub(crate) src_embed: Embedding,
     /// `None` when the source and target share one table (`share_embeddings`).
     pub(crate) tgt_embed: Option<Embedding>,
-    positional: PositionalEncoding,
+    pub(crate) input: InputEmbedding,
     pub(crate) encoder: Encoder,
     pub(crate) decoder: Decoder,
     /// The output projection's weight transposed, `[d_model, tgt_vocab]` (see [`Linear`](crate::Linear)
@@ -88,14 +89,14 @@ impl Transformer {
         let decoder_layers = (0..c.num_decoder_layers)
             .map(|_| DecoderLayer::init(c, rng))
             .collect::<Result<Vec<_>>>()?;
-        let encoder = Encoder::new(
-            encoder_layers,
-            Some(LayerNorm::identity(c.d_model, c.layer_norm_eps)?),
-        )?;
-        let decoder = Decoder::new(
-            decoder_layers,
-            Some(LayerNorm::identity(c.d_model, c.layer_norm_eps)?),
-        )?;
+        let final_norm = || {
+            c.final_norm
+                .then(|| LayerNorm::identity(c.d_model, c.layer_norm_eps))
+                .transpose()
+        };
+        let encoder = Encoder::new(encoder_layers, final_norm()?)?;
+        let decoder = Decoder::new(decoder_layers, final_norm()?)?;
+        let input = InputEmbedding::init(c, rng)?;
         let generator_weight = (!c.tie_output_projection).then(|| {
             crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng)
         });
@@ -104,10 +105,10 @@ impl Transformer {
             config,
             src_embed,
             tgt_embed,
+            input,
             encoder,
             decoder,
-            generator_weight,
-            generator_bias,
+            (generator_weight, generator_bias),
         )
     }
 
@@ -116,20 +117,19 @@ impl Transformer {
         config: TransformerConfig,
         src_embed: Embedding,
         tgt_embed: Option<Embedding>,
+        input: InputEmbedding,
         encoder: Encoder,
         decoder: Decoder,
-        generator_weight: Option<Array2<f32>>,
-        generator_bias: Array1<f32>,
+        (generator_weight, generator_bias): (Option<Array2<f32>>, Array1<f32>),
     ) -> Result<Self> {
         config.validate()?;
         debug_assert_eq!(tgt_embed.is_none(), config.share_embeddings);
         debug_assert_eq!(generator_weight.is_none(), config.tie_output_projection);
-        let positional = PositionalEncoding::new(config.max_len, config.d_model);
         let mut model = Transformer {
             config,
             src_embed,
             tgt_embed,
-            positional,
+            input,
             encoder,
             decoder,
             generator_weight_t: generator_weight
@@ -166,9 +166,15 @@ impl Transformer {
         self.tgt_embed.as_ref().unwrap_or(&self.src_embed)
     }
 
-    /// The positional-encoding table.
+    /// The positional-encoding table (sinusoidal or learned), shared by source and target.
     pub fn positional_encoding(&self) -> &PositionalEncoding {
-        &self.positional
+        self.input.positions()
+    }
+
+    /// What turns ids into the stacks' inputs besides the token tables: scale, positions,
+    /// token types, embedding norm (see [`EmbeddingConfig`](crate::EmbeddingConfig)).
+    pub fn input_embedding(&self) -> &InputEmbedding {
+        &self.input
     }
 
     /// The output projection's weight `[tgt_vocab, d_model]` (the target embedding when tied).
@@ -211,16 +217,26 @@ impl Transformer {
     }
 
     fn embed(&self, table: &Embedding, ids: ArrayView2<u32>, what: &str) -> Result<Array3<f32>> {
+        self.embed_at(table, ids, what, 0)
+    }
+
+    /// Ids whose first position is `offset`, checked and embedded.
+    fn embed_at(
+        &self,
+        table: &Embedding,
+        ids: ArrayView2<u32>,
+        what: &str,
+        offset: usize,
+    ) -> Result<Array3<f32>> {
         check_ids(ids, table.vocab(), what)?;
-        if ids.ncols() > self.config.max_len {
+        let end = offset.saturating_add(ids.ncols());
+        if end > self.config.max_len {
             return Err(Error::SequenceTooLong {
-                len: ids.ncols(),
+                len: end,
                 max_len: self.config.max_len,
             });
         }
-        let mut x = table.lookup(ids);
-        self.positional.add_at(x.view_mut(), 0)?;
-        Ok(x)
+        Ok(self.input.forward_unchecked(table, ids, None, offset))
     }
 
     /// Encodes source ids into the memory.
@@ -478,10 +494,7 @@ impl Transformer {
             });
         }
         let ids = tokens.insert_axis(Axis(1));
-        let table = self.tgt_embedding();
-        check_ids(ids, table.vocab(), "target ids")?;
-        let mut x = table.lookup(ids);
-        self.positional.add_at(x.view_mut(), cache.len)?;
+        let x = self.embed_at(self.tgt_embedding(), ids, "target ids", cache.len)?;
         let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
         let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
         cache.len += 1;

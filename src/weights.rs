@@ -14,6 +14,12 @@
 //! stacked as `[3·d_model, d_model]` (split on load, stacked again on save), `norm1`/`norm2`/
 //! `norm3` are the self-attention, cross-attention and feed-forward norms, and
 //! `transformer.encoder.norm` / `transformer.decoder.norm` the final stack norms.
+//!
+//! A config that departs from the paper's embedding recipe ([`EmbeddingConfig`](crate::EmbeddingConfig))
+//! adds `pos_embed.weight` (learned positions, `[max_len, d_model]`), `type_embed.weight`
+//! (`[type_vocab, d_model]`) and `embed_norm.{weight,bias}`; one set serves source and target.
+//! Without `final_norm` the two stack norms are absent. BERT checkpoints in Hugging Face's
+//! names load into an [`EncoderModel`](crate::EncoderModel) through [`crate::bert`].
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -23,14 +29,16 @@ use ndarray::{concatenate, s, Array1, Array2, ArrayD, Axis, CowArray, IxDyn};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::attention::MultiHeadAttention;
-use crate::config::TransformerConfig;
+use crate::config::{Positions, TransformerConfig};
 use crate::decoder::{Decoder, DecoderLayer};
 use crate::embedding::Embedding;
 use crate::encoder::{Encoder, EncoderLayer};
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
+use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::linear::Linear;
+use crate::positional::PositionalEncoding;
 use crate::transformer::Transformer;
 
 /// How to read a weights file.
@@ -64,14 +72,14 @@ impl LoadOptions {
 }
 
 /// Named f32 tensors read from a safetensors buffer, tracking which were used.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     file: SafeTensors<'a>,
     prefix: String,
     used: BTreeSet<String>,
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], prefix: &str) -> Result<Self> {
+    pub(crate) fn new(bytes: &'a [u8], prefix: &str) -> Result<Self> {
         let file =
             SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors(e.to_string()))?;
         Ok(Reader {
@@ -82,7 +90,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The tensor `name` (without prefix), which must have `shape` and dtype F32.
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+    pub(crate) fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let full = format!("{}{name}", self.prefix);
         let view = self
             .file
@@ -112,26 +120,26 @@ impl<'a> Reader<'a> {
             .expect("safetensors checked the byte length"))
     }
 
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+    pub(crate) fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
         Ok(self
             .tensor(name, &[rows, cols])?
             .into_dimensionality()
             .expect("2-D"))
     }
 
-    fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
+    pub(crate) fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
         Ok(self
             .tensor(name, &[len])?
             .into_dimensionality()
             .expect("1-D"))
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(crate) fn has(&self, name: &str) -> bool {
         self.file.tensor(&format!("{}{name}", self.prefix)).is_ok()
     }
 
     /// Names under the prefix that were not read.
-    fn unused(&self) -> Vec<String> {
+    pub(crate) fn unused(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .file
             .names()
@@ -143,13 +151,18 @@ impl<'a> Reader<'a> {
         names
     }
 
-    fn linear(&mut self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+    pub(crate) fn linear(
+        &mut self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Linear> {
         let weight = self.matrix(&format!("{name}.weight"), out_features, in_features)?;
         let bias = self.vector(&format!("{name}.bias"), out_features)?;
         Ok(Linear::from_parts(weight, Some(bias)))
     }
 
-    fn layer_norm(&mut self, name: &str, d_model: usize, eps: f32) -> Result<LayerNorm> {
+    pub(crate) fn layer_norm(&mut self, name: &str, d_model: usize, eps: f32) -> Result<LayerNorm> {
         let gamma = self.vector(&format!("{name}.weight"), d_model)?;
         let beta = self.vector(&format!("{name}.bias"), d_model)?;
         LayerNorm::new(gamma, beta, eps)
@@ -179,6 +192,53 @@ impl<'a> Reader<'a> {
         let linear1 = self.linear(&format!("{name}.linear1"), config.d_ff, config.d_model)?;
         let linear2 = self.linear(&format!("{name}.linear2"), config.d_model, config.d_ff)?;
         FeedForward::new(linear1, linear2, config.activation)
+    }
+
+    /// A stack's final norm when `config.final_norm` asks for one.
+    pub(crate) fn final_norm(
+        &mut self,
+        config: &TransformerConfig,
+        name: &str,
+    ) -> Result<Option<LayerNorm>> {
+        config
+            .final_norm
+            .then(|| self.layer_norm(name, config.d_model, config.layer_norm_eps))
+            .transpose()
+    }
+
+    /// The parts of [`InputEmbedding`] that `config.embedding` asks for, under the given names
+    /// (`{positions}.weight`, `{types}.weight`, `{norm}.weight`/`.bias`).
+    pub(crate) fn input_embedding(
+        &mut self,
+        config: &TransformerConfig,
+        positions: &str,
+        types: &str,
+        norm: &str,
+    ) -> Result<InputEmbedding> {
+        let (e, d) = (&config.embedding, config.d_model);
+        let positions = match e.positions {
+            Positions::Sinusoidal => PositionalEncoding::new(config.max_len, d),
+            Positions::Learned => PositionalEncoding::learned(self.matrix(
+                &format!("{positions}.weight"),
+                config.max_len,
+                d,
+            )?)?,
+        };
+        let token_types = if e.type_vocab > 0 {
+            Some(Embedding::new(self.matrix(
+                &format!("{types}.weight"),
+                e.type_vocab,
+                d,
+            )?)?)
+        } else {
+            None
+        };
+        let norm = if e.norm {
+            Some(self.layer_norm(norm, d, config.layer_norm_eps)?)
+        } else {
+            None
+        };
+        InputEmbedding::new(positions, token_types, norm, e.scale)
     }
 
     /// A tensor that must equal one already loaded (a shared or tied matrix saved twice).
@@ -257,6 +317,7 @@ impl Transformer {
                 d,
             )?)?)
         };
+        let input = r.input_embedding(c, "pos_embed", "type_embed", "embed_norm")?;
         let mut encoder_layers = Vec::with_capacity(c.num_encoder_layers);
         for i in 0..c.num_encoder_layers {
             let p = format!("transformer.encoder.layers.{i}");
@@ -268,10 +329,7 @@ impl Transformer {
                 c.norm_position,
             )?);
         }
-        let encoder = Encoder::new(
-            encoder_layers,
-            Some(r.layer_norm("transformer.encoder.norm", d, eps)?),
-        )?;
+        let encoder = Encoder::new(encoder_layers, r.final_norm(c, "transformer.encoder.norm")?)?;
         let mut decoder_layers = Vec::with_capacity(c.num_decoder_layers);
         for i in 0..c.num_decoder_layers {
             let p = format!("transformer.decoder.layers.{i}");
@@ -287,10 +345,7 @@ impl Transformer {
                 c.norm_position,
             )?);
         }
-        let decoder = Decoder::new(
-            decoder_layers,
-            Some(r.layer_norm("transformer.decoder.norm", d, eps)?),
-        )?;
+        let decoder = Decoder::new(decoder_layers, r.final_norm(c, "transformer.decoder.norm")?)?;
         let generator_weight = if c.tie_output_projection {
             let tied = tgt_embed.as_ref().unwrap_or(&src_embed).weight().to_owned();
             r.alias("generator.weight", "tgt_embed.weight", &tied)?;
@@ -307,10 +362,10 @@ impl Transformer {
             config,
             src_embed,
             tgt_embed,
+            input,
             encoder,
             decoder,
-            generator_weight,
-            generator_bias,
+            (generator_weight, generator_bias),
         )
     }
 
@@ -345,9 +400,7 @@ impl Transformer {
                 F32Tensor::new(self.output_weight().into_dyn().into()),
             ));
         }
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize(tensors, Some(metadata))
-            .map_err(|e| Error::Safetensors(e.to_string()))
+        serialize(tensors)
     }
 
     /// Writes [`to_safetensors`](Self::to_safetensors) to `path`.
@@ -384,6 +437,20 @@ pub(crate) fn visit_parameters(
         put(format!("{name}.weight"), n.gamma().into_dyn().into());
         put(format!("{name}.bias"), n.beta().into_dyn().into());
     };
+    let input = &model.input;
+    if model.config().embedding.positions == Positions::Learned {
+        let table = input
+            .positions()
+            .table(input.positions().max_len())
+            .expect("the whole table");
+        put("pos_embed.weight".into(), table.into_dyn().into());
+    }
+    if let Some(t) = input.token_types() {
+        put("type_embed.weight".into(), t.weight().into_dyn().into());
+    }
+    if let Some(n) = input.norm() {
+        norm(&mut put, "embed_norm", n);
+    }
     let attention = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
                      name: &str,
                      a: &MultiHeadAttention| {
@@ -458,14 +525,20 @@ pub(crate) fn visit_parameters(
     );
 }
 
+/// Named tensors as safetensors bytes, with PyTorch's `format: pt` metadata.
+pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
+}
+
 /// An f32 tensor in little-endian bytes, as safetensors stores it.
-struct F32Tensor {
+pub(crate) struct F32Tensor {
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
 impl F32Tensor {
-    fn new(t: CowArray<f32, IxDyn>) -> Self {
+    pub(crate) fn new(t: CowArray<f32, IxDyn>) -> Self {
         let shape = t.shape().to_vec();
         // Iterating in logical order writes row-major bytes whatever the memory layout.
         let bytes = t.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 use ndtransformer::{
-    Activation, BeamSearchOptions, GreedyOptions, Hypothesis, KeyPaddingMask, NormPosition,
-    Transformer, TransformerConfig,
+    Activation, BeamSearchOptions, EmbeddingConfig, GreedyOptions, Hypothesis, KeyPaddingMask,
+    NormPosition, Transformer, TransformerConfig,
 };
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 
@@ -412,6 +412,8 @@ pub fn parse_config(json: &str) -> Result<(TransformerConfig, SpecialIds), BoxEr
         layer_norm_eps,
         share_embeddings: false,
         tie_output_projection: false,
+        embedding: EmbeddingConfig::paper(),
+        final_norm: true,
     };
     let id = |key: &str| -> Result<u32, BoxError> { Ok(u32::try_from(n(key)?)?) };
     let special = SpecialIds {

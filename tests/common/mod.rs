@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayD, IxDyn};
-use ndtransformer::{Activation, LoadOptions, NormPosition, Transformer, TransformerConfig};
+use ndtransformer::{
+    Activation, EmbeddingConfig, LoadOptions, NormPosition, Transformer, TransformerConfig,
+};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -171,6 +173,8 @@ impl Fixture {
             layer_norm_eps: c["layer_norm_eps"].as_f64().unwrap() as f32,
             share_embeddings: false,
             tie_output_projection: false,
+            embedding: EmbeddingConfig::paper(),
+            final_norm: true,
         }
     }
 

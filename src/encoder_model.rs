@@ -1,0 +1,308 @@
+//! An encoder-only model: the left half of Figure 1 on its own (§3.1).
+//!
+//! Most models people run today (BERT and its sentence-embedding descendants) are this half:
+//! ids → input embedding → N encoder layers → one contextual vector per token. It is the same
+//! [`InputEmbedding`] and [`Encoder`] that the [`Transformer`](crate::Transformer) runs, with
+//! the options of [`EmbeddingConfig`](crate::EmbeddingConfig) and `final_norm` choosing between
+//! the paper's recipe and BERT's.
+
+use ndarray::{Array3, ArrayView2};
+use rand::Rng;
+
+use crate::config::TransformerConfig;
+use crate::embedding::Embedding;
+use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
+use crate::error::{Error, Result};
+use crate::input_embedding::InputEmbedding;
+use crate::layer_norm::LayerNorm;
+use crate::mask::{KeyPaddingMask, Mask};
+
+/// Token ids in, contextual token vectors out.
+///
+/// Only the encoder fields of the [`TransformerConfig`] are used (see
+/// [`TransformerConfig::validate_encoder`]).
+///
+/// ```
+/// use ndarray::array;
+/// use rand::{rngs::StdRng, SeedableRng};
+/// use ndtransformer::{EmbeddingConfig, EncoderModel, KeyPaddingMask, TransformerConfig};
+///
+/// let config = TransformerConfig {
+///     d_model: 16, num_heads: 4, d_ff: 32, num_encoder_layers: 2, max_len: 32,
+///     embedding: EmbeddingConfig::bert(2), final_norm: false,
+///     ..TransformerConfig::base(50, 0)
+/// };
+/// let model = EncoderModel::new(config, &mut StdRng::seed_from_u64(0))?;
+/// let ids = array![[2u32, 7, 9, 3], [2, 5, 3, 0]];             // [batch, seq]
+/// let padding = KeyPaddingMask::from_lengths(&[4, 3], 4)?;
+/// let hidden = model.forward(ids.view(), None, Some(&padding))?;
+/// assert_eq!(hidden.shape(), &[2, 4, 16]);                    // [batch, seq, d_model]
+/// # Ok::<(), ndtransformer::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderModel {
+    config: TransformerConfig,
+    pub(crate) tokens: Embedding,
+    pub(crate) input: InputEmbedding,
+    pub(crate) encoder: Encoder,
+}
+
+impl EncoderModel {
+    /// A freshly initialised model; the same RNG state gives the same model.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `config.validate_encoder()` fails.
+    pub fn new<R: Rng + ?Sized>(config: TransformerConfig, rng: &mut R) -> Result<Self> {
+        config.validate_encoder()?;
+        let c = &config;
+        let tokens = Embedding::init(c.src_vocab, c.d_model, rng);
+        let input = InputEmbedding::init(c, rng)?;
+        let layers = (0..c.num_encoder_layers)
+            .map(|_| EncoderLayer::init(c, rng))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = c
+            .final_norm
+            .then(|| LayerNorm::identity(c.d_model, c.layer_norm_eps))
+            .transpose()?;
+        Self::from_parts(config, tokens, input, Encoder::new(layers, norm)?)
+    }
+
+    /// Assembles a model from its parts, checking them against the config.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config; [`Error::Shape`] if a part's width, the
+    /// vocabulary, the position table or the layer count differs from the config.
+    pub fn from_parts(
+        config: TransformerConfig,
+        tokens: Embedding,
+        input: InputEmbedding,
+        encoder: Encoder,
+    ) -> Result<Self> {
+        config.validate_encoder()?;
+        let c = &config;
+        let parts = [
+            (
+                "token embedding",
+                [tokens.vocab(), tokens.d_model()],
+                [c.src_vocab, c.d_model],
+            ),
+            (
+                "position table",
+                [input.positions().max_len(), input.positions().d_model()],
+                [c.max_len, c.d_model],
+            ),
+            (
+                "encoder [layers, d_model]",
+                [encoder.layers().len(), encoder.d_model()],
+                [c.num_encoder_layers, c.d_model],
+            ),
+        ];
+        for (what, found, expected) in parts {
+            if found != expected {
+                return Err(Error::shape(what, format!("{expected:?}"), &found));
+            }
+        }
+        Ok(EncoderModel {
+            config,
+            tokens,
+            input,
+            encoder,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.config
+    }
+
+    /// The token embedding table `[vocab, d_model]`.
+    pub fn token_embedding(&self) -> &Embedding {
+        &self.tokens
+    }
+
+    /// Scale, positions, token types and embedding norm.
+    pub fn input_embedding(&self) -> &InputEmbedding {
+        &self.input
+    }
+
+    /// The encoder stack.
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// Number of parameters.
+    pub fn num_parameters(&self) -> usize {
+        let mut n = 0;
+        crate::bert::visit_parameters(self, &mut |_, t| n += t.len());
+        n
+    }
+
+    /// The encoder's input: token embeddings, positions and types, normed if configured.
+    ///
+    /// # Shapes
+    /// - `ids`, `token_types`: `[batch, seq]`
+    /// - returns `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// [`Error::Empty`], [`Error::TokenOutOfRange`], [`Error::SequenceTooLong`],
+    /// [`Error::Shape`].
+    pub fn embed(
+        &self,
+        ids: ArrayView2<u32>,
+        token_types: Option<ArrayView2<u32>>,
+    ) -> Result<Array3<f32>> {
+        self.input.forward(&self.tokens, ids, token_types, 0)
+    }
+
+    /// Runs the model.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]`
+    /// - `token_types`: `[batch, seq]`, `None` for type 0 everywhere
+    /// - `padding`: `[batch, seq]`, true = padding (see
+    ///   [`KeyPaddingMask::from_attention_mask`] for a tokenizer's `attention_mask`)
+    /// - returns `[batch, seq, d_model]`; padding positions hold values too, which pooling
+    ///   ignores
+    ///
+    /// # Errors
+    /// As [`embed`](Self::embed), and [`Error::Shape`] if the mask does not fit.
+    pub fn forward(
+        &self,
+        ids: ArrayView2<u32>,
+        token_types: Option<ArrayView2<u32>>,
+        padding: Option<&KeyPaddingMask>,
+    ) -> Result<Array3<f32>> {
+        let x = self.embed(ids, token_types)?;
+        let mask = Mask::none().with_key_padding_opt(padding);
+        self.encoder.check(x.view(), &mask)?;
+        Ok(self.encoder.run(x.view(), &mask, None))
+    }
+
+    /// As [`forward`](Self::forward), also recording every layer's output and attention weights.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_traced(
+        &self,
+        ids: ArrayView2<u32>,
+        token_types: Option<ArrayView2<u32>>,
+        padding: Option<&KeyPaddingMask>,
+    ) -> Result<EncoderTrace> {
+        let x = self.embed(ids, token_types)?;
+        let mask = Mask::none().with_key_padding_opt(padding);
+        self.encoder.forward_traced(x.view(), &mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EmbeddingConfig;
+    use crate::Transformer;
+    use ndarray::{array, s};
+    use rand::{rngs::StdRng, SeedableRng};
+
+    fn tiny(embedding: EmbeddingConfig, final_norm: bool) -> TransformerConfig {
+        TransformerConfig {
+            d_model: 8,
+            num_heads: 2,
+            d_ff: 16,
+            num_encoder_layers: 2,
+            max_len: 10,
+            embedding,
+            final_norm,
+            ..TransformerConfig::base(20, 0)
+        }
+    }
+
+    #[test]
+    fn padded_rows_equal_the_rows_alone() {
+        let model = EncoderModel::new(
+            tiny(EmbeddingConfig::bert(2), false),
+            &mut StdRng::seed_from_u64(3),
+        )
+        .unwrap();
+        let ids = array![[1u32, 4, 7, 2], [5, 6, 0, 0]];
+        let types = array![[0u32, 0, 1, 1], [0, 1, 0, 0]];
+        let padding = KeyPaddingMask::from_lengths(&[4, 2], 4).unwrap();
+        let both = model
+            .forward(ids.view(), Some(types.view()), Some(&padding))
+            .unwrap();
+        let alone = model
+            .forward(
+                ids.slice(s![1..2, 0..2]),
+                Some(types.slice(s![1..2, 0..2])),
+                None,
+            )
+            .unwrap();
+        let diff = (&both.slice(s![1..2, 0..2, ..]) - &alone)
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn paper_recipe_equals_the_transformers_encoder() {
+        // Same seed, same draws: the encoder-only model must match Transformer::encode when
+        // built from the transformer's own parts.
+        let config = TransformerConfig {
+            num_decoder_layers: 1,
+            tgt_vocab: 20,
+            ..tiny(EmbeddingConfig::paper(), true)
+        };
+        let t = Transformer::new(config.clone(), &mut StdRng::seed_from_u64(1)).unwrap();
+        let model = EncoderModel::from_parts(
+            config,
+            t.src_embedding().clone(),
+            t.input_embedding().clone(),
+            t.encoder().clone(),
+        )
+        .unwrap();
+        let ids = array![[3u32, 1, 4, 1, 5]];
+        assert_eq!(
+            model.forward(ids.view(), None, None).unwrap(),
+            t.encode(ids.view(), None).unwrap()
+        );
+    }
+
+    #[test]
+    fn config_and_parts_are_checked() {
+        let bad = TransformerConfig {
+            d_model: 9,
+            ..tiny(EmbeddingConfig::paper(), true)
+        };
+        let err = EncoderModel::new(bad, &mut StdRng::seed_from_u64(0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("d_model 9 is not divisible by num_heads 2"),
+            "{err}"
+        );
+        let model = EncoderModel::new(
+            tiny(EmbeddingConfig::paper(), true),
+            &mut StdRng::seed_from_u64(0),
+        )
+        .unwrap();
+        let other = TransformerConfig {
+            src_vocab: 21,
+            ..model.config().clone()
+        };
+        let err = EncoderModel::from_parts(
+            other,
+            model.tokens.clone(),
+            model.input.clone(),
+            model.encoder.clone(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("token embedding"), "{err}");
+        let err = model
+            .forward(array![[1u32; 11]].view(), None, None)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::SequenceTooLong {
+                len: 11,
+                max_len: 10
+            }
+        ));
+    }
+}
