@@ -27,6 +27,14 @@
 //! - [`weights`]: safetensors in PyTorch's state-dict names.
 //! - [`ops`] holds every matrix product, softmax and norm kernel.
 //!
+//! ## Encoder-only models and sentence embeddings
+//!
+//! The encoder half runs on its own as an [`EncoderModel`]. [`EmbeddingConfig`] and
+//! `final_norm` choose between the paper's input recipe (scaled embeddings, sinusoids) and
+//! BERT's (learned positions, token types, an embedding norm), so [`bert`] loads Hugging Face
+//! BERT checkpoints and [`SentenceEncoder`] reproduces sentence-transformers models such as
+//! all-MiniLM-L6-v2 ([`pool`] then [`l2_normalize`]); see `examples/embed.rs`.
+//!
 //! ## Quick start
 //!
 //! ```

@@ -11,13 +11,16 @@ Both sides use the same thread count (`--threads`, default 2): the crate through
 * ``% ceiling``: that rate over the machine's SGEMM ceiling, the faster of MKL (``torch.mm``)
   and the crate's own kernel on a 2048³ product at the same thread count.
 
+Sentence embeddings (all-MiniLM-L6-v2, 256 sentences in batches of 32, ``benches/embed.rs``
+against ``tools/bench_torch_embed.py``) are listed with sentences per second beside the times.
+
 For cached generation the table adds the read bandwidth (the ``memory/read_1GiB`` bench) and
 the time to stream the decoder's weights and the output projection once at that bandwidth,
 which bounds a cached decoding step from below.
 
 Usage::
 
-    python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation]
+    python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation] [--skip-embed]
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--skip-generation", action="store_true", help="forward workloads only")
+    parser.add_argument("--skip-generation", action="store_true", help="no generation workloads")
+    parser.add_argument("--skip-embed", action="store_true", help="no sentence-embedding workloads")
     args = parser.parse_args()
     t = args.threads
 
@@ -133,6 +137,25 @@ def main() -> None:
             f"read bandwidth {bandwidth:.1f} GB/s; streaming the decoder's weights and the output "
             f"projection once ({decoder_step_bytes() / 1e6:.0f} MB) takes {stream_ms:.2f} ms"
         )
+
+    if not args.skip_embed:
+        cargo_bench("embed", ["embed/"], t)
+        cmd = [sys.executable, str(TOOLS / "bench_torch_embed.py"), "--threads", str(t)]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, cwd=TOOLS, check=True, capture_output=True, text=True).stdout
+        torch_embed = json.loads(out[out.index("{"):])
+        n = torch_embed["num_sentences"]
+        for label, ours_id, torch_key in [
+            ("MiniLM-L6 embeddings, tokenise + encode", f"encode_{n}", "encode"),
+            ("MiniLM-L6 embeddings, encode only", f"forward_{n}", "forward_only"),
+        ]:
+            ms, _ = criterion_result("embed", ours_id)
+            theirs = torch_embed["workloads"][torch_key]["median_ms_total"]
+            rows.append((f"{label}, {n} sentences", ms, theirs, None, None))
+            notes.append(
+                f"{label}: {n / (ms / 1e3):.0f} sentences/s vs PyTorch {n / (theirs / 1e3):.0f} "
+                f"(batches of {torch_embed['batch']})"
+            )
 
     header = ["workload", "ndtransformer ms", "PyTorch ms", "speed-up", "GFLOP/s", "% ceiling"]
     lines = []
