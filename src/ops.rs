@@ -451,11 +451,29 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// Exact GELU, `0.5·x·(1 + erf(x/√2))`, evaluated in f64 so the f32 result is correctly
-/// rounded (PyTorch's `approximate="none"`).
+/// Exact GELU, `0.5·x·(1 + erf(x/√2))` (PyTorch's `approximate="none"`), in f32 arithmetic the
+/// compiler vectorises.
+///
+/// erf comes from Abramowitz & Stegun 7.1.26, `1 − t·P(t)·e^(−z²)` with `t = 1/(1 + p|z|)`
+/// (absolute error ≤ 1.5e-7), the formula of PyTorch's own vectorised CPU kernel; the result is
+/// within 5e-7 of the correctly rounded GELU for |x| ≤ 10 (tested). A libm `erf` in f64 cost
+/// 15–30 ns an element, most of a BERT-style encoder's time.
+#[inline(always)]
 pub(crate) fn gelu(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
+    let erf = (1.0 - poly * exp(-(a * a))).copysign(z);
+    0.5 * x * (1.0 + erf)
 }
 
 /// Index of the largest entry of each row; ties go to the lowest index.
@@ -554,6 +572,22 @@ mod tests {
                 assert_abs_diff_eq!(y[[r, o]], expect, epsilon = 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn gelu_is_within_5e7_of_the_f64_formula() {
+        let mut worst = 0f64;
+        let mut x = -10.0f32;
+        while x <= 10.0 {
+            let x64 = x as f64;
+            let exact = 0.5 * x64 * (1.0 + libm::erf(x64 * std::f64::consts::FRAC_1_SQRT_2));
+            worst = worst.max((gelu(x) as f64 - exact).abs());
+            x += 1.0 / 1024.0;
+        }
+        assert!(worst < 5e-7, "worst abs error {worst:e}");
+        // Large inputs saturate cleanly.
+        assert_eq!(gelu(-100.0), 0.0);
+        assert_eq!(gelu(100.0), 100.0);
     }
 
     #[test]
