@@ -103,4 +103,4 @@ pub use linear::Linear;
 pub use mask::{AttnMask, KeyPaddingMask, Mask};
 pub use positional::PositionalEncoding;
 pub use transformer::{Transformer, TransformerTrace};
-pub use weights::LoadOptions;
+pub use weights::{LoadOptions, LoadReport};

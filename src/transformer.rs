@@ -186,6 +186,32 @@ impl Transformer {
         n
     }
 
+    /// Checks that every weight is finite; the first NaN or infinity is an
+    /// [`Error::NonFinite`] naming the tensor (in PyTorch's names, see [`crate::weights`]),
+    /// its index and the value. Loading can run the same check: [`LoadOptions::check_finite`](crate::LoadOptions::check_finite).
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`].
+    ///
+    /// ```
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use ndtransformer::{Transformer, TransformerConfig};
+    /// let config = TransformerConfig { d_model: 8, num_heads: 2, d_ff: 16, num_encoder_layers: 1,
+    ///     num_decoder_layers: 1, ..TransformerConfig::base(10, 10) };
+    /// let model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
+    /// model.check_finite()?;
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
+    pub fn check_finite(&self) -> Result<()> {
+        let mut result = Ok(());
+        crate::weights::visit_parameters(self, &mut |name, t| {
+            if result.is_ok() {
+                result = crate::weights::first_non_finite(&name, t.view());
+            }
+        });
+        result
+    }
+
     /// `embedding(src)·√d_model + PE`: the encoder's input.
     ///
     /// # Shapes
