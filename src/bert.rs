@@ -151,7 +151,7 @@ impl EncoderModel {
         config.validate_encoder()?;
         let c = &config;
         let (d, eps) = (c.d_model, c.layer_norm_eps);
-        let mut r = Reader::new(bytes, &options.prefix)?;
+        let mut r = Reader::new(bytes, options)?;
         let tokens =
             Embedding::new(r.matrix("embeddings.word_embeddings.weight", c.src_vocab, d)?)?;
         let input = r.input_embedding(

@@ -172,6 +172,11 @@ impl TransformerConfig {
             ("tgt_vocab", self.tgt_vocab),
         ])?;
         within_u32("tgt_vocab", self.tgt_vocab)?;
+        check_elements(
+            "tgt_vocab",
+            "the target embedding [tgt_vocab, d_model]",
+            &[self.tgt_vocab, self.d_model],
+        )?;
         if self.share_embeddings && self.src_vocab != self.tgt_vocab {
             return Err(Error::config(
                 "share_embeddings",
@@ -197,6 +202,27 @@ impl TransformerConfig {
         ])?;
         validate_heads(self.d_model, self.num_heads)?;
         validate_eps(self.layer_norm_eps)?;
+        let d_model = self.d_model;
+        for (field, what, rows) in [
+            (
+                "src_vocab",
+                "the source embedding [src_vocab, d_model]",
+                self.src_vocab,
+            ),
+            ("d_ff", "the feed-forward weight [d_ff, d_model]", self.d_ff),
+            (
+                "max_len",
+                "the positional-encoding table [max_len, d_model]",
+                self.max_len,
+            ),
+            (
+                "embedding.type_vocab",
+                "the token-type embedding [type_vocab, d_model]",
+                self.embedding.type_vocab,
+            ),
+        ] {
+            check_elements(field, what, &[rows, d_model])?;
+        }
         within_u32("src_vocab", self.src_vocab)?;
         within_u32("embedding.type_vocab", self.embedding.type_vocab)
     }
@@ -241,6 +267,26 @@ pub(crate) fn validate_heads(d_model: usize, num_heads: usize) -> Result<()> {
         return Err(Error::config(
             "d_model",
             format!("d_model {d_model} is not divisible by num_heads {num_heads}"),
+        ));
+    }
+    check_elements(
+        "d_model",
+        "the stacked Q/K/V projection [3·d_model, d_model]",
+        &[3, d_model, d_model],
+    )
+}
+
+/// The most f32 values one array can hold: its byte size must fit in `isize`.
+const MAX_ELEMENTS: usize = isize::MAX as usize / std::mem::size_of::<f32>();
+
+/// Checks that an f32 array with axes `dims` can exist at all (its size does not overflow), so
+/// that a huge config is an error instead of a panic inside ndarray.
+pub(crate) fn check_elements(field: &'static str, what: &str, dims: &[usize]) -> Result<()> {
+    let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if elements.is_none_or(|n| n > MAX_ELEMENTS) {
+        return Err(Error::config(
+            field,
+            format!("{what} = {dims:?} holds more than the {MAX_ELEMENTS} f32 values an array can address"),
         ));
     }
     Ok(())
@@ -316,6 +362,23 @@ mod tests {
                 other => panic!("{field}: expected a config error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_rejected() {
+        let c = TransformerConfig {
+            max_len: usize::MAX / 2,
+            ..TransformerConfig::base(10, 10)
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains(&format!("[{}, 512]", usize::MAX / 2)), "{msg}");
+        let c = TransformerConfig {
+            d_model: 1 << 40,
+            num_heads: 1,
+            ..TransformerConfig::base(10, 10)
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("3·d_model"), "{msg}");
     }
 
     #[test]

@@ -202,6 +202,10 @@ impl Transformer {
         self.check_token("bos_id", o.bos_id)?;
         self.check_token("eos_id", o.eos_id)?;
         let batch = src.nrows();
+        // The lengths below come from the padding mask, so it must fit before they are used.
+        if let Some(p) = src_padding {
+            p.check(batch, src.ncols(), "source padding mask")?;
+        }
         let src_lengths = match src_padding {
             Some(p) => p.lengths(),
             None => vec![src.ncols(); batch],
@@ -210,7 +214,8 @@ impl Transformer {
             .iter()
             .map(|&len| match o.max_len {
                 MaxLength::Fixed(n) => n,
-                MaxLength::SourcePlus(n) => len + n,
+                // Saturating: an absurd `n` is then reported by `check_max_len`.
+                MaxLength::SourcePlus(n) => len.saturating_add(n),
             })
             .collect();
         for &m in &max_lens {
@@ -335,7 +340,7 @@ impl RowSearch {
         let order = |a: &(f32, usize, u32), b: &(f32, usize, u32)| {
             b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
         };
-        let keep = (2 * k).min(candidates.len());
+        let keep = k.saturating_mul(2).min(candidates.len());
         if keep < candidates.len() {
             candidates.select_nth_unstable_by(keep - 1, order);
             candidates.truncate(keep);
@@ -343,8 +348,9 @@ impl RowSearch {
         candidates.sort_unstable_by(order);
 
         let at_limit = step >= self.max_len;
-        let mut next_live = Vec::with_capacity(k);
-        let mut chosen = Vec::with_capacity(k);
+        // At most `keep` candidates survive, however large the beam.
+        let mut next_live = Vec::with_capacity(k.min(keep));
+        let mut chosen = Vec::with_capacity(k.min(keep));
         let mut extended = 0;
         for (rank, (log_prob, beam, token)) in candidates.into_iter().enumerate() {
             let is_eos = token == o.eos_id;

@@ -39,6 +39,10 @@ impl Embedding {
     }
 
     /// A freshly initialised `[vocab, d_model]` table (Xavier uniform).
+    ///
+    /// # Panics
+    /// If `vocab × d_model` is more values than an array can address (ndarray's own rule);
+    /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn init<R: Rng + ?Sized>(vocab: usize, d_model: usize, rng: &mut R) -> Self {
         Embedding {
             weight: init::xavier_uniform(vocab, d_model, d_model, vocab, rng),

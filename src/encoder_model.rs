@@ -137,6 +137,21 @@ impl EncoderModel {
         n
     }
 
+    /// Checks that every parameter is finite; the first NaN or infinity is an
+    /// [`Error::NonFinite`] naming the tensor (in Hugging Face's names), the index and the value.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`].
+    pub fn check_finite(&self) -> Result<()> {
+        let mut result = Ok(());
+        crate::bert::visit_parameters(self, &mut |name, t| {
+            if result.is_ok() {
+                result = crate::weights::first_non_finite(&name, t.view());
+            }
+        });
+        result
+    }
+
     /// The encoder's input: token embeddings, positions and types, normed if configured.
     ///
     /// # Shapes

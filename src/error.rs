@@ -90,6 +90,19 @@ pub enum Error {
         /// The dtype in the file.
         found: String,
     },
+    /// A weight holds NaN or an infinity (checked on request: [`LoadOptions::check_finite`]
+    /// or [`Transformer::check_finite`]).
+    ///
+    /// [`LoadOptions::check_finite`]: crate::LoadOptions::check_finite
+    /// [`Transformer::check_finite`]: crate::Transformer::check_finite
+    NonFinite {
+        /// The full tensor name, e.g. `transformer.encoder.layers.0.norm1.weight`.
+        name: String,
+        /// Index of the first non-finite value, in row-major order.
+        index: Vec<usize>,
+        /// The value there (NaN, inf or -inf).
+        value: f32,
+    },
     /// A weights file holds tensors the model does not use (strict loading).
     UnexpectedTensors {
         /// The unused names, sorted.
@@ -165,6 +178,10 @@ impl fmt::Display for Error {
                 expected,
                 found,
             } => write!(f, "tensor `{name}` has dtype {found}, expected {expected}"),
+            Error::NonFinite { name, index, value } => write!(
+                f,
+                "tensor `{name}` holds the non-finite value {value} at index {index:?}"
+            ),
             Error::UnexpectedTensors { names } => write!(
                 f,
                 "weights file has {} tensor(s) the model does not use: {}",

@@ -51,6 +51,10 @@ impl FeedForward {
     }
 
     /// Freshly initialised (Xavier-uniform weights, zero biases).
+    ///
+    /// # Panics
+    /// If `d_ff × d_model` is more values than an array can address (ndarray's own rule);
+    /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn init<R: Rng + ?Sized>(
         d_model: usize,
         d_ff: usize,

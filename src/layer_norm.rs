@@ -45,7 +45,11 @@ impl LayerNorm {
     }
 
     /// `gamma = 1`, `beta = 0`: the initial state.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new); [`Error::Config`] if `d_model` is more than an array can hold.
     pub fn identity(d_model: usize, eps: f32) -> Result<Self> {
+        crate::config::check_elements("d_model", "the LayerNorm gain [d_model]", &[d_model])?;
         Self::new(Array1::ones(d_model), Array1::zeros(d_model), eps)
     }
 

@@ -74,7 +74,10 @@
 //! # Ok::<(), ndtransformer::Error>(())
 //! ```
 //!
-//! Results do not depend on the thread count beyond float32 rounding (tested at 1e-5).
+//! Results do not depend on the thread count: a pool of any size, and any number of threads
+//! calling one shared `&Transformer` at once, give the same bits (threads split a product's
+//! rows and columns, never a sum, and the kernel is chosen by the shapes alone). The crate
+//! keeps no global mutable state; `docs/guarantees.md` in the repository has the details.
 #![warn(missing_docs)]
 
 pub mod attention;
@@ -120,4 +123,4 @@ pub use pooling::{l2_normalize, pool, Pooling};
 pub use positional::PositionalEncoding;
 pub use sentence::SentenceEncoder;
 pub use transformer::{Transformer, TransformerTrace};
-pub use weights::LoadOptions;
+pub use weights::{LoadOptions, LoadReport};

@@ -50,6 +50,10 @@ impl Linear {
     }
 
     /// A freshly initialised layer: Xavier-uniform weight, zero bias when `bias` is set.
+    ///
+    /// # Panics
+    /// If `out_features × in_features` is more values than an array can address (ndarray's own rule);
+    /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn init<R: Rng + ?Sized>(
         in_features: usize,
         out_features: usize,

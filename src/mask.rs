@@ -34,13 +34,25 @@ impl KeyPaddingMask {
     /// Right padding from each row's real length: positions `len..max_len` are padding.
     ///
     /// # Errors
-    /// [`Error::Shape`] if a length exceeds `max_len`.
+    /// [`Error::Shape`] if a length exceeds `max_len`, or if `[batch, max_len]` is more flags
+    /// than an array can address.
     pub fn from_lengths(lengths: &[usize], max_len: usize) -> Result<Self> {
         if let Some((row, &len)) = lengths.iter().enumerate().find(|(_, &l)| l > max_len) {
             return Err(Error::shape(
                 format!("length {len} of batch row {row}"),
                 format!("at most max_len {max_len}"),
                 &[len],
+            ));
+        }
+        let batch = lengths.len();
+        if batch
+            .checked_mul(max_len)
+            .is_none_or(|n| n > isize::MAX as usize)
+        {
+            return Err(Error::shape(
+                "key padding mask",
+                format!("[batch, max_len] with at most {} flags", isize::MAX),
+                &[batch, max_len],
             ));
         }
         let is_padding = Array2::from_shape_fn((lengths.len(), max_len), |(b, j)| j >= lengths[b]);
@@ -210,6 +222,11 @@ impl<'a> Mask<'a> {
 
     /// Whether query `i` of batch row `b` may not see key `j`, for `tgt_len` queries and
     /// `src_len` keys.
+    ///
+    /// # Panics
+    /// Like indexing an array, if the key padding part is set and `(b, j)` is outside its
+    /// `[batch, src_len]`, or the attention-mask part is set and `(i, j)` is outside its
+    /// `[tgt_len, src_len]`. The model never calls this; it is for inspecting a mask.
     pub fn is_blocked(&self, b: usize, i: usize, j: usize, tgt_len: usize, src_len: usize) -> bool {
         (self.causal && j + tgt_len > i + src_len)
             || self.key_padding.is_some_and(|m| m.is_padding[[b, j]])

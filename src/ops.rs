@@ -68,7 +68,9 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    if m <= FEW_ROWS && threads == 1 && k * n <= FEW_ROWS_MAX_WORK {
+    // The kernel is chosen by the shapes alone, never by the thread count, so that a pool of
+    // any size computes the same sums in the same order (bit-identical results).
+    if m <= FEW_ROWS && k * n <= FEW_ROWS_MAX_WORK {
         few_rows_product(a, b, alpha, beta, c);
         return;
     }

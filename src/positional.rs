@@ -30,6 +30,10 @@ pub struct PositionalEncoding {
 
 impl PositionalEncoding {
     /// The table for `max_len` positions of width `d_model`, computed in f64 and rounded once.
+    ///
+    /// # Panics
+    /// If `max_len × d_model` is more values than an array can address (ndarray's own rule);
+    /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn new(max_len: usize, d_model: usize) -> Self {
         let table = Array2::from_shape_fn((max_len, d_model), |(pos, dim)| {
             let two_i = (dim - dim % 2) as f64;

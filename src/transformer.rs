@@ -192,6 +192,32 @@ impl Transformer {
         n
     }
 
+    /// Checks that every weight is finite; the first NaN or infinity is an
+    /// [`Error::NonFinite`] naming the tensor (in PyTorch's names, see [`crate::weights`]),
+    /// its index and the value. Loading can run the same check: [`LoadOptions::check_finite`](crate::LoadOptions::check_finite).
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`].
+    ///
+    /// ```
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use ndtransformer::{Transformer, TransformerConfig};
+    /// let config = TransformerConfig { d_model: 8, num_heads: 2, d_ff: 16, num_encoder_layers: 1,
+    ///     num_decoder_layers: 1, ..TransformerConfig::base(10, 10) };
+    /// let model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
+    /// model.check_finite()?;
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
+    pub fn check_finite(&self) -> Result<()> {
+        let mut result = Ok(());
+        crate::weights::visit_parameters(self, &mut |name, t| {
+            if result.is_ok() {
+                result = crate::weights::first_non_finite(&name, t.view());
+            }
+        });
+        result
+    }
+
     /// `embedding(src)·√d_model + PE`: the encoder's input.
     ///
     /// # Shapes
@@ -268,6 +294,10 @@ impl Transformer {
         x: ArrayView3<f32>,
         src_padding: Option<&KeyPaddingMask>,
     ) -> Result<Array3<f32>> {
+        crate::encoder::check_input(x, self.config.d_model, "encoder input")?;
+        if let Some(p) = src_padding {
+            p.check(x.shape()[0], x.shape()[1], "source padding mask")?;
+        }
         self.encoder
             .forward(x, &Mask::none().with_key_padding_opt(src_padding))
     }
@@ -306,6 +336,17 @@ impl Transformer {
         src_padding: Option<&KeyPaddingMask>,
         tgt_padding: Option<&KeyPaddingMask>,
     ) -> Result<Array3<f32>> {
+        // The masks are checked here, by name, before the decoder checks them again as
+        // anonymous "key padding masks".
+        let d_model = self.config.d_model;
+        crate::encoder::check_input(y, d_model, "decoder input")?;
+        crate::encoder::check_input(memory, d_model, "memory")?;
+        if let Some(p) = src_padding {
+            p.check(memory.shape()[0], memory.shape()[1], "source padding mask")?;
+        }
+        if let Some(p) = tgt_padding {
+            p.check(y.shape()[0], y.shape()[1], "target padding mask")?;
+        }
         let self_mask = Mask::causal().with_key_padding_opt(tgt_padding);
         let cross_mask = Mask::none().with_key_padding_opt(src_padding);
         self.decoder.forward(y, memory, &self_mask, &cross_mask)
@@ -392,6 +433,12 @@ impl Transformer {
         check_same_batch(src, tgt)?;
         let src_embedded = self.embed_source(src)?;
         let tgt_embedded = self.embed_target(tgt)?;
+        if let Some(p) = src_padding {
+            p.check(src.nrows(), src.ncols(), "source padding mask")?;
+        }
+        if let Some(p) = tgt_padding {
+            p.check(tgt.nrows(), tgt.ncols(), "target padding mask")?;
+        }
         let cross_mask = Mask::none().with_key_padding_opt(src_padding);
         let encoder = self
             .encoder

@@ -25,8 +25,9 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use ndarray::{concatenate, s, Array1, Array2, ArrayD, Axis, CowArray, IxDyn};
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use half::{bf16, f16};
+use ndarray::{concatenate, s, Array1, Array2, ArrayD, ArrayViewD, Axis, CowArray, IxDyn, Zip};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::attention::MultiHeadAttention;
 use crate::config::{Positions, TransformerConfig};
@@ -42,14 +43,33 @@ use crate::positional::PositionalEncoding;
 use crate::transformer::Transformer;
 
 /// How to read a weights file.
+///
+/// ```
+/// use ndtransformer::LoadOptions;
+/// let options = LoadOptions { check_finite: true, ..LoadOptions::with_prefix("model.") };
+/// assert!(options.strict && options.convert_half);
+/// ```
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Prepended to every tensor name, e.g. `"weights."` for the crate's parity fixtures or
     /// `"model."` for a module nested one level down. Tensors without it are ignored.
     pub prefix: String,
     /// Whether a tensor under `prefix` that the model does not use is an error (PyTorch's
-    /// `load_state_dict(strict=True)`). Default `true`.
+    /// `load_state_dict(strict=True)`). Default `true`. When `false` the unused names are
+    /// listed in the [`LoadReport`] of [`Transformer::from_safetensors_with_report`].
     pub strict: bool,
+    /// Whether `F16` and `BF16` tensors are widened to f32 on load, as PyTorch's
+    /// `load_state_dict` and Candle's `VarBuilder` do. Every half-precision value (subnormals,
+    /// infinities and NaN included) is exactly representable in f32, so the model computes with
+    /// exactly the stored weights. Default `true`; with `false` they are an
+    /// [`Error::TensorDtype`]. Other dtypes (`F64`, integers, …) are always an error: narrowing
+    /// them would round silently.
+    pub convert_half: bool,
+    /// Whether every loaded value is checked to be finite: the first NaN or infinity is an
+    /// [`Error::NonFinite`] naming the tensor, the index and the value. Default `false` (the
+    /// check is one extra pass over the weights); [`Transformer::check_finite`] runs it on a
+    /// model already built.
+    pub check_finite: bool,
 }
 
 impl Default for LoadOptions {
@@ -57,12 +77,15 @@ impl Default for LoadOptions {
         LoadOptions {
             prefix: String::new(),
             strict: true,
+            convert_half: true,
+            check_finite: false,
         }
     }
 }
 
 impl LoadOptions {
-    /// Options with a name prefix, strict.
+    /// Options with a name prefix, otherwise the defaults (strict, half precision converted,
+    /// no finite check).
     pub fn with_prefix(prefix: impl Into<String>) -> Self {
         LoadOptions {
             prefix: prefix.into(),
@@ -71,38 +94,67 @@ impl LoadOptions {
     }
 }
 
+/// What loading found besides the weights it used, like the `_IncompatibleKeys` that PyTorch's
+/// `load_state_dict(strict=False)` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadReport {
+    /// Tensors under the prefix that the model does not use, sorted. Always empty after a
+    /// strict load (they are an [`Error::UnexpectedTensors`] then).
+    pub unexpected: Vec<String>,
+    /// Tensors stored as `F16` or `BF16` and widened to f32, in the order they were read.
+    pub converted: Vec<String>,
+}
+
 /// Named f32 tensors read from a safetensors buffer, tracking which were used.
 pub(crate) struct Reader<'a> {
     file: SafeTensors<'a>,
     prefix: String,
+    convert_half: bool,
+    check_finite: bool,
     used: BTreeSet<String>,
+    converted: Vec<String>,
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(bytes: &'a [u8], prefix: &str) -> Result<Self> {
-        let file =
-            SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors(e.to_string()))?;
+    pub(crate) fn new(bytes: &'a [u8], options: &LoadOptions) -> Result<Self> {
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Safetensors(describe_safetensors_error(&e, bytes)))?;
         Ok(Reader {
             file,
-            prefix: prefix.to_string(),
+            prefix: options.prefix.clone(),
+            convert_half: options.convert_half,
+            check_finite: options.check_finite,
             used: BTreeSet::new(),
+            converted: Vec::new(),
         })
     }
 
-    /// The tensor `name` (without prefix), which must have `shape` and dtype F32.
+    /// The tensor `name` (without prefix), which must have `shape` and dtype F32 (or F16/BF16
+    /// when converting).
     pub(crate) fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let full = format!("{}{name}", self.prefix);
         let view = self
             .file
             .tensor(&full)
             .map_err(|_| Error::MissingTensor { name: full.clone() })?;
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::TensorDtype {
-                name: full,
-                expected: "F32",
-                found: format!("{:?}", view.dtype()),
-            });
-        }
+        let dtype = view.dtype();
+        let (width, decode): (usize, fn(&[u8]) -> f32) = match dtype {
+            Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Dtype::F16 if self.convert_half => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            Dtype::BF16 if self.convert_half => (2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            _ => {
+                return Err(Error::TensorDtype {
+                    name: full,
+                    expected: if self.convert_half {
+                        "F32, F16 or BF16"
+                    } else {
+                        "F32 (F16 and BF16 need LoadOptions::convert_half)"
+                    },
+                    found: format!("{dtype:?}"),
+                })
+            }
+        };
         if view.shape() != shape {
             return Err(Error::TensorShape {
                 name: full,
@@ -110,28 +162,31 @@ impl<'a> Reader<'a> {
                 found: view.shape().to_vec(),
             });
         }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values: Vec<f32> = view.data().chunks_exact(width).map(decode).collect();
+        // safetensors has checked that the bytes are exactly the shape's element count.
+        let tensor = ArrayD::from_shape_vec(IxDyn(shape), values)
+            .map_err(|e| Error::Safetensors(format!("tensor `{full}`: {e}")))?;
+        if self.check_finite {
+            first_non_finite(&full, tensor.view())?;
+        }
+        if dtype != Dtype::F32 {
+            self.converted.push(full.clone());
+        }
         self.used.insert(full);
-        Ok(ArrayD::from_shape_vec(IxDyn(shape), values)
-            .expect("safetensors checked the byte length"))
+        Ok(tensor)
     }
 
     pub(crate) fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        Ok(self
-            .tensor(name, &[rows, cols])?
-            .into_dimensionality()
-            .expect("2-D"))
+        let t = self.tensor(name, &[rows, cols])?;
+        // The shape was checked to be [rows, cols], so the conversion cannot fail.
+        t.into_dimensionality()
+            .map_err(|e| Error::Safetensors(format!("tensor `{name}`: {e}")))
     }
 
     pub(crate) fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
-        Ok(self
-            .tensor(name, &[len])?
-            .into_dimensionality()
-            .expect("1-D"))
+        let t = self.tensor(name, &[len])?;
+        t.into_dimensionality()
+            .map_err(|e| Error::Safetensors(format!("tensor `{name}`: {e}")))
     }
 
     pub(crate) fn has(&self, name: &str) -> bool {
@@ -247,7 +302,11 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         let found = self.matrix(name, expected.nrows(), expected.ncols())?;
-        if found != *expected {
+        // NaN equals NaN here: the question is whether the file stores the same values twice.
+        let same = Zip::from(&found)
+            .and(expected)
+            .all(|&a, &b| a == b || (a.is_nan() && b.is_nan()));
+        if !same {
             return Err(Error::Safetensors(format!(
                 "`{}{name}` differs from `{}{of}`, but the config shares them",
                 self.prefix, self.prefix
@@ -264,7 +323,8 @@ impl MultiHeadAttention {
     ///
     /// # Errors
     /// [`Error::Safetensors`], [`Error::MissingTensor`], [`Error::TensorShape`],
-    /// [`Error::TensorDtype`], or [`Error::Config`] if `d_model % num_heads != 0`.
+    /// [`Error::TensorDtype`], or [`Error::Config`] if `d_model % num_heads != 0`. `F16` and
+    /// `BF16` tensors are widened to f32 as with [`LoadOptions::default`].
     pub fn from_safetensors(
         bytes: &[u8],
         prefix: &str,
@@ -272,7 +332,7 @@ impl MultiHeadAttention {
         num_heads: usize,
     ) -> Result<Self> {
         crate::config::validate_heads(d_model, num_heads)?;
-        Reader::new(bytes, prefix)?.attention("", d_model, num_heads)
+        Reader::new(bytes, &LoadOptions::with_prefix(prefix))?.attention("", d_model, num_heads)
     }
 }
 
@@ -285,23 +345,111 @@ fn child(name: &str, leaf: &str) -> String {
     }
 }
 
+/// The first NaN or infinity of `tensor` (in row-major order) as an [`Error::NonFinite`].
+pub(crate) fn first_non_finite(name: &str, tensor: ArrayViewD<f32>) -> Result<()> {
+    let Some((flat, &value)) = tensor.iter().enumerate().find(|(_, v)| !v.is_finite()) else {
+        return Ok(());
+    };
+    // Row-major unravelling of the logical position (iter() runs in logical order).
+    let mut index = vec![0; tensor.ndim()];
+    let mut rest = flat;
+    for (i, &len) in tensor.shape().iter().enumerate().rev() {
+        index[i] = rest % len;
+        rest /= len;
+    }
+    Err(Error::NonFinite {
+        name: name.to_string(),
+        index,
+        value,
+    })
+}
+
+/// A safetensors parse error, with the numbers that tell what is wrong with the bytes.
+fn describe_safetensors_error(error: &SafeTensorError, bytes: &[u8]) -> String {
+    let len = bytes.len();
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+    match (error, header_len) {
+        (SafeTensorError::HeaderTooSmall, _) => format!(
+            "the data is {len} bytes, too short for the 8-byte header length that starts a safetensors file"
+        ),
+        (SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength, Some(n)) => {
+            format!(
+                "the header length field says {n} bytes, but the data is {len} bytes (truncated, or not safetensors)"
+            )
+        }
+        (SafeTensorError::MetadataIncompleteBuffer, _) => format!(
+            "the tensors' byte ranges do not end where the {len}-byte data ends (truncated, or trailing bytes)"
+        ),
+        (other, _) => format!("{other} (in {len} bytes)"),
+    }
+}
+
 impl Transformer {
     /// Builds a model from safetensors bytes in PyTorch's names (see [the module docs](crate::weights)).
     ///
+    /// `F16` and `BF16` tensors are widened to f32 unless `options.convert_half` is off; with
+    /// `options.check_finite` a NaN or infinity is an error. To learn which tensors were
+    /// ignored (non-strict) or converted, use
+    /// [`from_safetensors_with_report`](Self::from_safetensors_with_report).
+    ///
     /// # Errors
     /// [`Error::Config`] for an invalid config; [`Error::Safetensors`] for bytes that are not
-    /// safetensors or a shared matrix saved with different values; [`Error::MissingTensor`],
-    /// [`Error::TensorShape`] and [`Error::TensorDtype`] naming the tensor; with
-    /// `options.strict`, [`Error::UnexpectedTensors`] listing unused names.
+    /// safetensors (empty, truncated, random) or a shared matrix saved with different values;
+    /// [`Error::MissingTensor`], [`Error::TensorShape`] and [`Error::TensorDtype`] naming the
+    /// tensor; with `options.strict`, [`Error::UnexpectedTensors`] listing unused names; with
+    /// `options.check_finite`, [`Error::NonFinite`] naming the tensor, index and value.
+    ///
+    /// ```
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use ndtransformer::{LoadOptions, Transformer, TransformerConfig};
+    /// let config = TransformerConfig { d_model: 8, num_heads: 2, d_ff: 16, num_encoder_layers: 1,
+    ///     num_decoder_layers: 1, ..TransformerConfig::base(10, 10) };
+    /// let model = Transformer::new(config.clone(), &mut StdRng::seed_from_u64(0))?;
+    /// let bytes = model.to_safetensors()?;
+    /// let back = Transformer::from_safetensors(config, &bytes, &LoadOptions::default())?;
+    /// assert_eq!(model, back);
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
     pub fn from_safetensors(
         config: TransformerConfig,
         bytes: &[u8],
         options: &LoadOptions,
     ) -> Result<Self> {
+        Self::from_safetensors_with_report(config, bytes, options).map(|(model, _)| model)
+    }
+
+    /// As [`from_safetensors`](Self::from_safetensors), also returning what the loader found
+    /// besides the weights it used: the unused tensor names (non-strict loading) and the
+    /// tensors widened from half precision.
+    ///
+    /// # Errors
+    /// As [`from_safetensors`](Self::from_safetensors).
+    ///
+    /// ```
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use ndtransformer::{LoadOptions, Transformer, TransformerConfig};
+    /// let config = TransformerConfig { d_model: 8, num_heads: 2, d_ff: 16, num_encoder_layers: 2,
+    ///     num_decoder_layers: 1, ..TransformerConfig::base(10, 10) };
+    /// let bytes = Transformer::new(config.clone(), &mut StdRng::seed_from_u64(0))?.to_safetensors()?;
+    /// // A one-layer encoder leaves the second layer's tensors unused.
+    /// let shallower = TransformerConfig { num_encoder_layers: 1, ..config };
+    /// let lenient = LoadOptions { strict: false, ..LoadOptions::default() };
+    /// let (_, report) = Transformer::from_safetensors_with_report(shallower, &bytes, &lenient)?;
+    /// assert!(report.unexpected.iter().all(|n| n.starts_with("transformer.encoder.layers.1.")));
+    /// assert_eq!(report.unexpected.len(), 12);
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
+    pub fn from_safetensors_with_report(
+        config: TransformerConfig,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Result<(Self, LoadReport)> {
         config.validate()?;
         let c = &config;
         let (d, eps) = (c.d_model, c.layer_norm_eps);
-        let mut r = Reader::new(bytes, &options.prefix)?;
+        let mut r = Reader::new(bytes, options)?;
         let src_embed = Embedding::new(r.matrix("src_embed.weight", c.src_vocab, d)?)?;
         let tgt_embed = if c.share_embeddings {
             r.alias(
@@ -358,7 +506,7 @@ impl Transformer {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        Transformer::from_parts(
+        let model = Transformer::from_parts(
             config,
             src_embed,
             tgt_embed,
@@ -366,7 +514,12 @@ impl Transformer {
             encoder,
             decoder,
             (generator_weight, generator_bias),
-        )
+        )?;
+        let report = LoadReport {
+            unexpected: unused,
+            converted: r.converted,
+        };
+        Ok((model, report))
     }
 
     /// Reads a `.safetensors` file with [`LoadOptions::default`] (no prefix, strict).
@@ -374,12 +527,24 @@ impl Transformer {
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, then as [`from_safetensors`](Self::from_safetensors).
     pub fn load(path: impl AsRef<Path>, config: TransformerConfig) -> Result<Self> {
+        Self::load_with_options(path, config, &LoadOptions::default())
+    }
+
+    /// Reads a `.safetensors` file with the given options.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, then as [`from_safetensors`](Self::from_safetensors).
+    pub fn load_with_options(
+        path: impl AsRef<Path>,
+        config: TransformerConfig,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_safetensors(config, &bytes, &LoadOptions::default())
+        Self::from_safetensors(config, &bytes, options)
     }
 
     /// The weights as safetensors bytes in PyTorch's names. A shared or tied matrix is written
@@ -653,14 +818,45 @@ mod tests {
 
     #[test]
     fn wrong_dtype_is_named() {
-        let data = vec![0u8; 2 * 10 * 8];
-        let view = safetensors::tensor::TensorView::new(Dtype::F16, vec![10, 8], &data).unwrap();
+        let data = vec![0u8; 8 * 10 * 8];
+        let view = safetensors::tensor::TensorView::new(Dtype::F64, vec![10, 8], &data).unwrap();
         let bytes = safetensors::serialize([("src_embed.weight", view)], None).unwrap();
         let err =
             Transformer::from_safetensors(tiny(), &bytes, &LoadOptions::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "tensor `src_embed.weight` has dtype F16, expected F32"
+            "tensor `src_embed.weight` has dtype F64, expected F32, F16 or BF16"
+        );
+        let data = vec![0u8; 2 * 10 * 8];
+        let view = safetensors::tensor::TensorView::new(Dtype::F16, vec![10, 8], &data).unwrap();
+        let bytes = safetensors::serialize([("src_embed.weight", view)], None).unwrap();
+        let no_half = LoadOptions {
+            convert_half: false,
+            ..LoadOptions::default()
+        };
+        let err = Transformer::from_safetensors(tiny(), &bytes, &no_half).unwrap_err();
+        assert!(
+            matches!(&err, Error::TensorDtype { found, .. } if found == "F16"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn first_non_finite_gives_the_row_major_index() {
+        let mut t = ArrayD::<f32>::zeros(IxDyn(&[2, 3, 4]));
+        assert!(first_non_finite("t", t.view()).is_ok());
+        t[[1, 2, 0]] = f32::INFINITY;
+        t[[1, 2, 3]] = f32::NAN;
+        let err = first_non_finite("t", t.view()).unwrap_err();
+        assert!(
+            matches!(&err, Error::NonFinite { index, value, .. } if index == &[1, 2, 0] && *value == f32::INFINITY),
+            "{err}"
+        );
+        // A transposed view reports the index in its own (logical) shape.
+        let err = first_non_finite("t", t.view().reversed_axes()).unwrap_err();
+        assert!(
+            matches!(&err, Error::NonFinite { index, .. } if index == &[0, 2, 1]),
+            "{err}"
         );
     }
 

@@ -136,7 +136,7 @@ impl DecoderCache {
     /// splits) or not at all (a finished row).
     ///
     /// # Errors
-    /// [`Error::Empty`] for no rows; [`Error::Shape`] for a row index ≥ batch.
+    /// [`Error::Empty`] for no rows; [`Error::CacheMismatch`] for a row index ≥ batch.
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         if rows.is_empty() {
             return Err(Error::Empty {
@@ -145,11 +145,12 @@ impl DecoderCache {
             });
         }
         if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch) {
-            return Err(Error::shape(
-                format!("row index {bad}"),
-                format!("below the cache's batch {}", self.batch),
-                &[bad],
-            ));
+            return Err(Error::CacheMismatch {
+                reason: format!(
+                    "row index {bad} is out of range for the cache's batch {}",
+                    self.batch
+                ),
+            });
         }
         for layer in &mut self.layers {
             layer.self_attn.select_rows(rows);

@@ -19,7 +19,8 @@ use crate::ops;
 /// - returns `[batch, num_heads, tgt_len, d_v]`
 ///
 /// # Errors
-/// [`Error::Shape`] if the shapes disagree or a mask part does not fit.
+/// [`Error::Shape`] if the shapes disagree or a mask part does not fit; [`Error::Empty`] if
+/// the queries or keys have a zero-length axis (`d_k = 0` included).
 ///
 /// ```
 /// use ndarray::Array4;
@@ -68,6 +69,16 @@ fn check_shapes(
 ) -> Result<(usize, usize, usize, usize)> {
     let (b, h, tgt_len, d_k) = q.dim();
     let src_len = k.shape()[2];
+    // With d_k = 0 the scale 1/√d_k is infinite, and with no query or key there is nothing
+    // to attend: both are caller mistakes, as in the layers above.
+    for (what, x) in [("queries", q), ("keys", k)] {
+        if x.is_empty() {
+            return Err(Error::Empty {
+                what: what.into(),
+                shape: x.shape().to_vec(),
+            });
+        }
+    }
     if k.shape() != [b, h, src_len, d_k] {
         return Err(Error::shape(
             "keys",
