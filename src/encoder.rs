@@ -113,6 +113,20 @@ impl EncoderLayer {
     }
 }
 
+impl EncoderLayer {
+    /// The layer on sequences packed without padding (`[1, total, d_model]`, sequence `i` in
+    /// the next `lengths[i]` positions): every sub-layer but attention works token by token, so
+    /// only attention needs to know where sequences end.
+    pub(crate) fn forward_packed(&self, x: Array3<f32>, lengths: &[usize]) -> Array3<f32> {
+        let x = residual(x, &self.self_attn_norm, self.norm_position, |h| {
+            self.self_attn.self_attend_packed(h, lengths)
+        });
+        residual(x, &self.ffn_norm, self.norm_position, |h| {
+            self.feed_forward.forward_unchecked(h)
+        })
+    }
+}
+
 /// What [`Encoder::forward_traced`] records besides the output.
 #[derive(Debug, Clone)]
 pub struct EncoderTrace {
@@ -209,6 +223,19 @@ impl Encoder {
                 t.layer_outputs.push(x.clone());
                 t.self_attention.extend(weights);
             }
+        }
+        if let Some(norm) = &self.norm {
+            norm_inplace(norm, &mut x);
+        }
+        x
+    }
+}
+
+impl Encoder {
+    /// The stack on sequences packed without padding (see [`EncoderLayer::forward_packed`]).
+    pub(crate) fn run_packed(&self, mut x: Array3<f32>, lengths: &[usize]) -> Array3<f32> {
+        for layer in &self.layers {
+            x = layer.forward_packed(x, lengths);
         }
         if let Some(norm) = &self.norm {
             norm_inplace(norm, &mut x);

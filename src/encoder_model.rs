@@ -6,7 +6,7 @@
 //! the options of [`EmbeddingConfig`](crate::EmbeddingConfig) and `final_norm` choosing between
 //! the paper's recipe and BERT's.
 
-use ndarray::{Array3, ArrayView2};
+use ndarray::{s, Array3, ArrayView2, Axis};
 use rand::Rng;
 
 use crate::config::TransformerConfig;
@@ -171,13 +171,16 @@ impl EncoderModel {
 
     /// Runs the model.
     ///
+    /// With a padding mask the real tokens of all rows are packed end to end and run without
+    /// padding (attention stays within each row), so a batch costs what its real tokens cost,
+    /// however unequal the lengths.
+    ///
     /// # Shapes
     /// - `ids`: `[batch, seq]`
     /// - `token_types`: `[batch, seq]`, `None` for type 0 everywhere
     /// - `padding`: `[batch, seq]`, true = padding (see
     ///   [`KeyPaddingMask::from_attention_mask`] for a tokenizer's `attention_mask`)
-    /// - returns `[batch, seq, d_model]`; padding positions hold values too, which pooling
-    ///   ignores
+    /// - returns `[batch, seq, d_model]`; padding positions are zero vectors
     ///
     /// # Errors
     /// As [`embed`](Self::embed), and [`Error::Shape`] if the mask does not fit.
@@ -190,7 +193,36 @@ impl EncoderModel {
         let x = self.embed(ids, token_types)?;
         let mask = Mask::none().with_key_padding_opt(padding);
         self.encoder.check(x.view(), &mask)?;
-        Ok(self.encoder.run(x.view(), &mask, None))
+        let Some(padding) = padding else {
+            return Ok(self.encoder.run(x.view(), &mask, None));
+        };
+        // Gather the real positions, row after row.
+        let is_padding = padding.is_padding();
+        let lengths: Vec<usize> = is_padding
+            .rows()
+            .into_iter()
+            .map(|row| row.iter().filter(|&&p| !p).count())
+            .collect();
+        let total: usize = lengths.iter().sum();
+        let (batch, seq, d_model) = x.dim();
+        let mut out = Array3::zeros((batch, seq, d_model));
+        if total == 0 {
+            return Ok(out);
+        }
+        let mut packed = Array3::zeros((1, total, d_model));
+        let real = || {
+            (0..batch)
+                .flat_map(move |b| (0..seq).map(move |j| (b, j)))
+                .filter(|&(b, j)| !is_padding[[b, j]])
+        };
+        for ((b, j), mut row) in real().zip(packed.index_axis_mut(Axis(0), 0).rows_mut()) {
+            row.assign(&x.slice(s![b, j, ..]));
+        }
+        let packed = self.encoder.run_packed(packed, &lengths);
+        for ((b, j), row) in real().zip(packed.index_axis(Axis(0), 0).rows()) {
+            out.slice_mut(s![b, j, ..]).assign(&row);
+        }
+        Ok(out)
     }
 
     /// As [`forward`](Self::forward), also recording every layer's output and attention weights.
@@ -254,6 +286,40 @@ mod tests {
             .iter()
             .fold(0f32, |m, v| m.max(v.abs()));
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn packed_run_equals_the_masked_padded_run() {
+        let model = EncoderModel::new(
+            tiny(EmbeddingConfig::bert(2), false),
+            &mut StdRng::seed_from_u64(4),
+        )
+        .unwrap();
+        let ids = array![[1u32, 4, 7, 2, 9], [5, 6, 3, 0, 0], [8, 8, 8, 8, 8]];
+        // Right padding, a hole in the middle, and a row without padding.
+        let padding = KeyPaddingMask::from_padding_flags(array![
+            [false, false, false, false, true],
+            [false, true, false, true, true],
+            [false, false, false, false, false]
+        ]);
+        let packed = model.forward(ids.view(), None, Some(&padding)).unwrap();
+        let padded = model
+            .forward_traced(ids.view(), None, Some(&padding))
+            .unwrap()
+            .output;
+        for ((b, j), &p) in padding.is_padding().indexed_iter() {
+            let (x, y) = (packed.slice(s![b, j, ..]), padded.slice(s![b, j, ..]));
+            if p {
+                assert!(x.iter().all(|&v| v == 0.0));
+            } else {
+                let diff = (&x - &y).iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(diff < 1e-5, "row {b} position {j}: {diff}");
+            }
+        }
+        // Every position padded: zeros, no error.
+        let all = KeyPaddingMask::from_lengths(&[0, 0, 0], 5).unwrap();
+        let out = model.forward(ids.view(), None, Some(&all)).unwrap();
+        assert!(out.iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! representation subspaces at different positions": each of the h heads works in its own
 //! `d_k = d_model / h` slice, so the total cost equals one full-width head.
 
-use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Ix4};
+use ndarray::{s, Array3, Array4, ArrayView3, ArrayView4, Axis, Ix4};
 use rand::Rng;
+use rayon::prelude::*;
 
 use super::scaled_dot_product::attend_into;
 use crate::config::validate_heads;
@@ -180,6 +181,47 @@ impl MultiHeadAttention {
         self.attend(heads(&q), heads(&k), heads(&v), mask, weights)
     }
 
+    /// Self-attention over sequences packed end to end without padding: `x` is
+    /// `[1, total, d_model]` with sequence `i` in the next `lengths[i]` positions, and each
+    /// sequence attends only to itself. The projections run once over all real tokens, so no
+    /// work is spent on padding; the result equals padded attention with a key padding mask
+    /// at every real position.
+    pub(crate) fn self_attend_packed(&self, x: ArrayView3<f32>, lengths: &[usize]) -> Array3<f32> {
+        let total = x.shape()[1];
+        debug_assert_eq!(lengths.iter().sum::<usize>(), total);
+        let q = self.split_heads(x, &self.q_proj);
+        let k = self.split_heads(x, &self.k_proj);
+        let v = self.split_heads(x, &self.v_proj);
+        let mut concat = Array4::<f32>::zeros((1, total, self.num_heads, self.d_k()));
+        // One disjoint slice of the output per sequence, sequences in parallel.
+        let mut pieces = Vec::with_capacity(lengths.len());
+        let (mut rest, mut start) = (concat.view_mut(), 0);
+        for &len in lengths {
+            let (piece, tail) = rest.split_at(Axis(1), len);
+            pieces.push((start, piece));
+            (rest, start) = (tail, start + len);
+        }
+        let none = Mask::none();
+        pieces.into_par_iter().for_each(|(start, out)| {
+            let len = out.shape()[1];
+            attend_into(
+                sequence_heads(&q, start, len),
+                sequence_heads(&k, start, len),
+                sequence_heads(&v, start, len),
+                &none,
+                out.permuted_axes(Ix4(0, 2, 1, 3)),
+                None,
+            );
+        });
+        let flat = concat
+            .into_shape_with_order((total, self.d_model()))
+            .expect("contiguous");
+        self.out_proj
+            .forward_2d(flat.view())
+            .into_shape_with_order((1, total, self.d_model()))
+            .expect("same element count")
+    }
+
     /// Projects `x` and lays it out as `[batch, len, num_heads, d_k]` (contiguous), so that
     /// [`heads`] can view it as `[batch, num_heads, len, d_k]` without copying.
     pub(crate) fn split_heads(&self, x: ArrayView3<f32>, proj: &Linear) -> Array4<f32> {
@@ -253,6 +295,13 @@ impl MultiHeadAttention {
         }
         mask.check(b, tgt_len, src_len)
     }
+}
+
+/// Positions `start..start + len` of a packed `[1, total, num_heads, d_k]` projection, viewed as
+/// `[1, num_heads, len, d_k]`.
+fn sequence_heads(x: &Array4<f32>, start: usize, len: usize) -> ArrayView4<'_, f32> {
+    x.slice(s![.., start..start + len, .., ..])
+        .permuted_axes(Ix4(0, 2, 1, 3))
 }
 
 /// `[batch, len, num_heads, d_k]` viewed as `[batch, num_heads, len, d_k]` (strides only).
