@@ -345,6 +345,25 @@ mod tests {
     }
 
     #[test]
+    fn damaged_files_are_errors() {
+        let config = config_from_json(MINI).unwrap();
+        let bytes = EncoderModel::new(config.clone(), &mut StdRng::seed_from_u64(6))
+            .unwrap()
+            .to_hf_bert_safetensors()
+            .unwrap();
+        for cut in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+            let err =
+                EncoderModel::from_hf_bert(config.clone(), &bytes[..cut], &LoadOptions::default())
+                    .unwrap_err();
+            assert!(matches!(err, Error::Safetensors(_)), "cut at {cut}: {err}");
+        }
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert!(EncoderModel::from_hf_bert(config, &noise, &LoadOptions::default()).is_err());
+    }
+
+    #[test]
     fn hf_names_round_trip_exactly() {
         let config = config_from_json(MINI).unwrap();
         let model = EncoderModel::new(config.clone(), &mut StdRng::seed_from_u64(5)).unwrap();
