@@ -129,6 +129,9 @@ fn blocked_product(
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
+    // Checked here, not only by the callers: the unsafe call below relies on them.
+    assert_eq!(b.nrows(), k, "inner dimensions agree");
+    assert_eq!(c.dim(), (m, n), "output is [m, n]");
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -137,11 +140,20 @@ fn blocked_product(
     let [a_rs, a_cs] = [a.strides()[0], a.strides()[1]];
     let [b_rs, b_cs] = [b.strides()[0], b.strides()[1]];
     let [c_rs, c_cs] = [c.strides()[0], c.strides()[1]];
-    // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
-    // above to be [m, k], [k, n] and [m, n], so every element gemm reads or writes lies inside
-    // its view. `c` is borrowed mutably, so it cannot alias `a` or `b`. The `gemm` crate's
-    // contract is `dst := alpha·dst + beta·lhs·rhs` (its names are swapped from BLAS's),
-    // reading dst only when `read_dst`.
+    // SAFETY: `gemm::gemm` computes `dst := alpha·dst + beta·lhs·rhs` (alpha and beta swapped
+    // from BLAS's), reading dst only when `read_dst`, over m × n × k elements addressed as
+    // `ptr + row·rs + col·cs`.
+    // - In bounds: the pointers and element strides are those of live ndarray views, and the
+    //   asserts above make their shapes [m, k], [k, n] and [m, n]. Negative strides are fine
+    //   (gemm flips them first), and so are zero strides of `a` and `b` (broadcast reads).
+    //   m = 0 or n = 0 returns before any access; k = 0 reads neither `a` nor `b`, whose
+    //   pointers may then dangle, and only zeroes or scales `c` (gemm-common 0.19,
+    //   `gemm_basic_generic`).
+    // - No aliasing: `c` is a mutable view, so its elements are distinct from one another and
+    //   from those of `a` and `b`, which are only read. With `Parallelism::Rayon` the threads
+    //   write disjoint blocks of `c`, and gemm returns when they are done, while the three
+    //   borrows are still live.
+    // - `c` holds initialised f32s, so reading it (beta ≠ 0) is defined.
     unsafe {
         gemm::gemm(
             m,
@@ -593,7 +605,7 @@ pub(crate) fn argmax_rows(x: ArrayView2<f32>) -> Vec<usize> {
 mod tests {
     use super::*;
     use approx::assert_abs_diff_eq;
-    use ndarray::{array, Array2};
+    use ndarray::{array, s, Array1, Array2};
 
     #[test]
     fn softmax_rows_sum_to_one() {
@@ -798,5 +810,56 @@ mod tests {
             blocked_product(a.view(), w.t(), 0.5, beta, &mut blocked.view_mut(), threads);
             assert_abs_diff_eq!(short, blocked, epsilon = 1e-5);
         }
+    }
+
+    /// `alpha · a · b + beta · c` with loops, for any strides.
+    fn naive_product(
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        alpha: f32,
+        beta: f32,
+        c: ArrayView2<f32>,
+    ) -> Array2<f32> {
+        Array2::from_shape_fn(c.dim(), |(i, j)| {
+            let dot: f32 = (0..a.ncols()).map(|l| a[[i, l]] * b[[l, j]]).sum();
+            alpha * dot + beta * c[[i, j]]
+        })
+    }
+
+    #[test]
+    fn blocked_kernel_takes_negative_and_zero_strides() {
+        let a = Array2::from_shape_fn((6, 5), |(i, j)| (i * 5 + j) as f32 * 0.1 - 1.0);
+        let b = Array2::from_shape_fn((5, 7), |(i, j)| (i + 2 * j) as f32 * 0.05 - 0.2);
+        let row = Array1::from_shape_fn(7, |j| j as f32 * 0.3 - 1.0);
+        let broadcast = row.broadcast((5, 7)).unwrap(); // row stride 0
+        for threads in [1, 2] {
+            for b in [b.slice(s![..;-1, ..;-1]), broadcast.view()] {
+                let a = a.slice(s![..;-1, ..]);
+                let mut c = Array2::from_shape_fn((6, 7), |(i, j)| (i * j) as f32 * 0.01);
+                let expected = naive_product(a, b, 0.5, 2.0, c.slice(s![..;-1, ..;-1]));
+                let mut reversed = c.slice_mut(s![..;-1, ..;-1]);
+                blocked_product(a, b, 0.5, 2.0, &mut reversed, threads);
+                assert_abs_diff_eq!(reversed, expected.view(), epsilon = 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_kernel_with_empty_inner_dimension_scales_c() {
+        let (a, b) = (Array2::<f32>::zeros((3, 0)), Array2::<f32>::zeros((0, 4)));
+        let mut c = Array2::from_elem((3, 4), 1.5f32);
+        blocked_product(a.view(), b.view(), 1.0, 2.0, &mut c.view_mut(), 1);
+        assert_eq!(c, Array2::from_elem((3, 4), 3.0f32));
+        c.fill(f32::NAN);
+        blocked_product(a.view(), b.view(), 1.0, 0.0, &mut c.view_mut(), 1);
+        assert_eq!(c, Array2::<f32>::zeros((3, 4)), "beta 0 does not read c");
+    }
+
+    #[test]
+    #[should_panic(expected = "output is [m, n]")]
+    fn blocked_kernel_checks_shapes_itself() {
+        let (a, b) = (Array2::<f32>::ones((3, 2)), Array2::<f32>::ones((2, 4)));
+        let mut c = Array2::<f32>::zeros((3, 5));
+        blocked_product(a.view(), b.view(), 1.0, 0.0, &mut c.view_mut(), 1);
     }
 }
