@@ -23,18 +23,16 @@
 
 use std::path::Path;
 
-use ndarray::{CowArray, IxDyn};
-
 use crate::attention::MultiHeadAttention;
-use crate::config::{Activation, EmbeddingConfig, NormPosition, Positions, TransformerConfig};
+use crate::config::{Activation, EmbeddingConfig, NormPosition, TransformerConfig};
 use crate::embedding::Embedding;
 use crate::encoder::{Encoder, EncoderLayer};
 use crate::encoder_model::EncoderModel;
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
-use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
-use crate::weights::{F32Tensor, LoadOptions, Reader};
+use crate::weights::{
+    visit_input, visit_linear, visit_norm, F32Tensor, LoadOptions, Reader, Visitor,
+};
 
 /// Tensors a BERT checkpoint may hold that an encoder does not use.
 const SKIPPED: [&str; 3] = [
@@ -237,41 +235,22 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
 }
 
 /// Calls `f` with every parameter of an encoder-only model under its Hugging Face BERT name.
-pub(crate) fn visit_parameters(
-    model: &EncoderModel,
-    f: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
-) {
-    let linear = |f: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, l: &Linear| {
-        f(format!("{name}.weight"), l.weight().into_dyn().into());
-        if let Some(b) = l.bias() {
-            f(format!("{name}.bias"), b.into_dyn().into());
-        }
-    };
-    let norm = |f: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, n: &LayerNorm| {
-        f(format!("{name}.weight"), n.gamma().into_dyn().into());
-        f(format!("{name}.bias"), n.beta().into_dyn().into());
-    };
+pub(crate) fn visit_parameters(model: &EncoderModel, f: &mut Visitor) {
+    let (linear, norm) = (visit_linear, visit_norm);
     f(
         "embeddings.word_embeddings.weight".into(),
         model.tokens.weight().into_dyn().into(),
     );
-    let input = &model.input;
-    if model.config().embedding.positions == Positions::Learned {
-        let p = input.positions();
-        f(
-            "embeddings.position_embeddings.weight".into(),
-            p.table(p.max_len()).expect("whole table").into_dyn().into(),
-        );
-    }
-    if let Some(t) = input.token_types() {
-        f(
-            "embeddings.token_type_embeddings.weight".into(),
-            t.weight().into_dyn().into(),
-        );
-    }
-    if let Some(n) = input.norm() {
-        norm(f, "embeddings.LayerNorm", n);
-    }
+    visit_input(
+        f,
+        &model.input,
+        model.config().embedding.positions,
+        [
+            "embeddings.position_embeddings",
+            "embeddings.token_type_embeddings",
+            "embeddings.LayerNorm",
+        ],
+    );
     for (i, layer) in model.encoder.layers.iter().enumerate() {
         let (p, a) = (
             format!("encoder.layer.{i}"),

@@ -143,13 +143,7 @@ impl EncoderModel {
     /// # Errors
     /// [`Error::NonFinite`].
     pub fn check_finite(&self) -> Result<()> {
-        let mut result = Ok(());
-        crate::bert::visit_parameters(self, &mut |name, t| {
-            if result.is_ok() {
-                result = crate::weights::first_non_finite(&name, t.view());
-            }
-        });
-        result
+        crate::weights::check_finite_parameters(|f| crate::bert::visit_parameters(self, f))
     }
 
     /// The encoder's input: token embeddings, positions and types, normed if configured.

@@ -137,6 +137,18 @@ impl InputEmbedding {
         token_types: Option<ArrayView2<u32>>,
         offset: usize,
     ) -> Result<Array3<f32>> {
+        self.embed(tokens, ids, token_types, offset, "token ids")
+    }
+
+    /// [`forward`](Self::forward), naming the ids `what` in errors (e.g. `"source ids"`).
+    pub(crate) fn embed(
+        &self,
+        tokens: &Embedding,
+        ids: ArrayView2<u32>,
+        token_types: Option<ArrayView2<u32>>,
+        offset: usize,
+        what: &str,
+    ) -> Result<Array3<f32>> {
         if tokens.d_model() != self.positions.d_model() {
             return Err(Error::shape(
                 "token embedding",
@@ -144,7 +156,7 @@ impl InputEmbedding {
                 &[tokens.vocab(), tokens.d_model()],
             ));
         }
-        check_ids(ids, tokens.vocab(), "token ids")?;
+        check_ids(ids, tokens.vocab(), what)?;
         let end = offset.saturating_add(ids.ncols());
         if end > self.positions.max_len() {
             return Err(Error::SequenceTooLong {

@@ -9,7 +9,7 @@ use rand::Rng;
 use crate::attention::DecoderCache;
 use crate::config::TransformerConfig;
 use crate::decoder::{check_decoder_inputs, Decoder, DecoderLayer, DecoderTrace};
-use crate::embedding::{check_ids, Embedding};
+use crate::embedding::Embedding;
 use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
 use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
@@ -209,13 +209,7 @@ impl Transformer {
     /// # Ok::<(), ndtransformer::Error>(())
     /// ```
     pub fn check_finite(&self) -> Result<()> {
-        let mut result = Ok(());
-        crate::weights::visit_parameters(self, &mut |name, t| {
-            if result.is_ok() {
-                result = crate::weights::first_non_finite(&name, t.view());
-            }
-        });
-        result
+        crate::weights::check_finite_parameters(|f| crate::weights::visit_parameters(self, f))
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.
@@ -254,15 +248,7 @@ impl Transformer {
         what: &str,
         offset: usize,
     ) -> Result<Array3<f32>> {
-        check_ids(ids, table.vocab(), what)?;
-        let end = offset.saturating_add(ids.ncols());
-        if end > self.config.max_len {
-            return Err(Error::SequenceTooLong {
-                len: end,
-                max_len: self.config.max_len,
-            });
-        }
-        Ok(self.input.forward_unchecked(table, ids, None, offset))
+        self.input.embed(table, ids, None, offset, what)
     }
 
     /// Encodes source ids into the memory.

@@ -592,30 +592,13 @@ pub(crate) fn visit_parameters(
     if let Some(t) = &model.tgt_embed {
         put("tgt_embed.weight".into(), t.weight().into_dyn().into());
     }
-    let linear = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, l: &Linear| {
-        put(format!("{name}.weight"), l.weight().into_dyn().into());
-        if let Some(b) = l.bias() {
-            put(format!("{name}.bias"), b.into_dyn().into());
-        }
-    };
-    let norm = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, n: &LayerNorm| {
-        put(format!("{name}.weight"), n.gamma().into_dyn().into());
-        put(format!("{name}.bias"), n.beta().into_dyn().into());
-    };
-    let input = &model.input;
-    if model.config().embedding.positions == Positions::Learned {
-        let table = input
-            .positions()
-            .table(input.positions().max_len())
-            .expect("the whole table");
-        put("pos_embed.weight".into(), table.into_dyn().into());
-    }
-    if let Some(t) = input.token_types() {
-        put("type_embed.weight".into(), t.weight().into_dyn().into());
-    }
-    if let Some(n) = input.norm() {
-        norm(&mut put, "embed_norm", n);
-    }
+    let (linear, norm) = (visit_linear, visit_norm);
+    visit_input(
+        &mut put,
+        &model.input,
+        model.config().embedding.positions,
+        ["pos_embed", "type_embed", "embed_norm"],
+    );
     let attention = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
                      name: &str,
                      a: &MultiHeadAttention| {
@@ -694,6 +677,55 @@ pub(crate) fn visit_parameters(
 pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
+}
+
+/// Receives every parameter of a model under its name in the weights file.
+pub(crate) type Visitor<'a> = dyn FnMut(String, CowArray<f32, IxDyn>) + 'a;
+
+/// `{name}.weight` and `{name}.bias` of a linear layer.
+pub(crate) fn visit_linear(f: &mut Visitor, name: &str, l: &Linear) {
+    f(format!("{name}.weight"), l.weight().into_dyn().into());
+    if let Some(b) = l.bias() {
+        f(format!("{name}.bias"), b.into_dyn().into());
+    }
+}
+
+/// `{name}.weight` (γ) and `{name}.bias` (β) of a LayerNorm.
+pub(crate) fn visit_norm(f: &mut Visitor, name: &str, n: &LayerNorm) {
+    f(format!("{name}.weight"), n.gamma().into_dyn().into());
+    f(format!("{name}.bias"), n.beta().into_dyn().into());
+}
+
+/// The parameters of an [`InputEmbedding`] under `[positions, types, norm]` names: the position
+/// table when learned, the token-type table and the norm when present.
+pub(crate) fn visit_input(
+    f: &mut Visitor,
+    input: &InputEmbedding,
+    positions: Positions,
+    [pos_name, types_name, norm_name]: [&str; 3],
+) {
+    if positions == Positions::Learned {
+        let p = input.positions();
+        let table = p.table(p.max_len()).expect("the whole table");
+        f(format!("{pos_name}.weight"), table.into_dyn().into());
+    }
+    if let Some(t) = input.token_types() {
+        f(format!("{types_name}.weight"), t.weight().into_dyn().into());
+    }
+    if let Some(n) = input.norm() {
+        visit_norm(f, norm_name, n);
+    }
+}
+
+/// The first NaN or infinity among the parameters `visit` reports, as [`Error::NonFinite`].
+pub(crate) fn check_finite_parameters(visit: impl FnOnce(&mut Visitor)) -> Result<()> {
+    let mut result = Ok(());
+    visit(&mut |name, t| {
+        if result.is_ok() {
+            result = first_non_finite(&name, t.view());
+        }
+    });
+    result
 }
 
 /// An f32 tensor in little-endian bytes, as safetensors stores it.
