@@ -36,34 +36,26 @@ fn bench_embed(c: &mut Criterion) {
     let mut group = c.benchmark_group("embed");
     group.sample_size(10);
     group.throughput(Throughput::Elements(sentences.len() as u64));
+    let embed = |batch: &minilm::Batch| {
+        encoder
+            .embed(
+                batch.ids.view(),
+                batch.attention_mask.view(),
+                Some(batch.token_types.view()),
+            )
+            .unwrap()
+    };
     group.bench_function(format!("encode_{}", sentences.len()), |b| {
         b.iter(|| {
             for chunk in sentences.chunks(BATCH) {
-                let batch = minilm::tokenize(&tokenizer, chunk).unwrap();
-                black_box(
-                    encoder
-                        .embed(
-                            batch.ids.view(),
-                            batch.attention_mask.view(),
-                            Some(batch.token_types.view()),
-                        )
-                        .unwrap(),
-                );
+                black_box(embed(&minilm::tokenize(&tokenizer, chunk).unwrap()));
             }
         })
     });
     group.bench_function(format!("forward_{}", sentences.len()), |b| {
         b.iter(|| {
             for batch in &batches {
-                black_box(
-                    encoder
-                        .embed(
-                            batch.ids.view(),
-                            batch.attention_mask.view(),
-                            Some(batch.token_types.view()),
-                        )
-                        .unwrap(),
-                );
+                black_box(embed(batch));
             }
         })
     });
