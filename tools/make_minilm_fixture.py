@@ -51,7 +51,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from fetch_model import ENV_MODEL_DIR, PROVENANCE, resolve_dest
+from fetch_model import ENV_MODEL_DIR, PROVENANCE, resolve_dest, sha256_file
 
 # sentence-transformers is imported lazily, after these are set: never touch the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -168,14 +167,6 @@ def build_sentences(tokenizer, max_seq_length: int) -> list[tuple[str, str]]:
     sentences = list(SENTENCES)
     sentences.insert(len(sentences) - 1, ("near_limit", near_limit_sentence(tokenizer, max_seq_length)))
     return sentences
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(model_dir: Path):
