@@ -94,6 +94,18 @@ fn bench_ops(c: &mut Criterion) {
         b.iter(|| black_box(ffn_in.forward(x.view()).unwrap()))
     });
 
+    let short = random3((1, 32, 512), &mut rng);
+    group.throughput(Throughput::Elements(2 * 32 * 512 * 2048));
+    group.bench_function("linear_32x512_to_2048", |b| {
+        b.iter(|| black_box(ffn_in.forward(short.view()).unwrap()))
+    });
+    let short_small = random3((1, 32, 256), &mut rng);
+    let small = Linear::init(256, 256, true, &mut rng);
+    group.throughput(Throughput::Elements(2 * 32 * 256 * 256));
+    group.bench_function("linear_32x256_to_256", |b| {
+        b.iter(|| black_box(small.forward(short_small.view()).unwrap()))
+    });
+
     let mha = MultiHeadAttention::init(512, 8, &mut rng).unwrap();
     group.throughput(Throughput::Elements(
         4 * 2 * 1024 * 512 * 512 + 2 * 2 * 1024 * 128 * 512,

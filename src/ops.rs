@@ -68,11 +68,18 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    // The kernel is chosen by the shapes alone, never by the thread count, so that a pool of
-    // any size computes the same sums in the same order (bit-identical results).
+    // The kernel is chosen by the shapes and the CPU alone, never by the thread count, so that
+    // a pool of any size computes the same sums in the same order (bit-identical results).
     if m <= FEW_ROWS && k * n <= FEW_ROWS_MAX_WORK {
         few_rows_product(a, b, alpha, beta, c);
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V4::try_new() {
+        if TILE_ROWS.contains(&m) && b.is_standard_layout() {
+            tile_product(simd, a, b, alpha, beta, c, threads);
+            return;
+        }
     }
     if m <= STREAM_ROWS && b.strides()[1] == 1 && b.nrows() > 1 {
         streaming_product(a, b, alpha, beta, c, threads);
@@ -85,10 +92,10 @@ fn gemm_into(
     blocked_product(a, b, alpha, beta, c, threads);
 }
 
-/// Products with this many rows (a short sequence) use `matrixmultiply`'s AVX-512 kernels, which
-/// measured faster than `gemm`'s there (docs/gemm_backends.md; the encoder on one 32-token
-/// sequence went from 17.3 to 14.5 ms at 2 threads). With fewer rows (a decoding step) neither
-/// was clearly better, and `gemm` stays.
+/// Products with this many rows (a short sequence) that [`tile_product`] does not take (no
+/// AVX-512, or a strided `b`) use `matrixmultiply`'s kernels, which measured faster than `gemm`'s
+/// there (docs/gemm_backends.md; the encoder on one 32-token sequence went from 17.3 to 14.5 ms
+/// at 2 threads).
 const SHORT_ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 
 /// `c = alpha · a · b + beta · c` through `matrixmultiply` (via ndarray), column blocks of `b`
@@ -177,6 +184,170 @@ fn blocked_product(
             parallelism,
         );
     }
+}
+
+/// Rows of `a` and columns of `b` one register tile of [`tile_product`] holds: 8 × 32 sums are
+/// sixteen AVX-512 registers.
+#[cfg(target_arch = "x86_64")]
+const TILE_M: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const TILE_N: usize = 32;
+/// Rows of `b` a register tile takes per visit. The `TILE_KC` row pieces of a strip stay in L1
+/// while every row tile uses them, even when the row stride of `b` is a power of two (which maps
+/// them to one cache set), and the `TILE_KC` rows are as many sequential streams for the
+/// hardware prefetchers.
+#[cfg(target_arch = "x86_64")]
+const TILE_KC: usize = 16;
+/// [`TILE_KC`] for a single row tile (a decoding step), where the product is bound by reading
+/// `b` and shorter blocks keep more of it in flight.
+#[cfg(target_arch = "x86_64")]
+const TILE_KC_FEW: usize = 8;
+/// Row counts [`tile_product`] takes (a short sequence or a batch of them): enough rows that the
+/// weight, read once from memory, feeds several register tiles, few enough that the partial
+/// sums stay in the core's cache.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: std::ops::RangeInclusive<usize> = 1..=64;
+
+/// `c = alpha · a · b + beta · c` for a `b` in standard layout (a weight `Wᵀ`), reading `b` once,
+/// front to back, without packing it.
+///
+/// A general GEMM packs column panels of `b`, which for a weight means copying all of it through
+/// memory on every call, and walks those panels down their rows, a stride the prefetchers do not
+/// follow: with few rows of `a` that costs as much as the arithmetic. Here each thread takes a
+/// range of columns and walks `b` in blocks of [`TILE_KC`] rows; within a block every register
+/// tile ([`TILE_M`] × [`TILE_N`]) adds its terms to partial sums kept in cache. Each sum runs over
+/// `k` in order whatever the tiling and thread count, so results do not depend on either.
+#[cfg(target_arch = "x86_64")]
+fn tile_product(
+    simd: pulp::x86::V4,
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+    threads: usize,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let b = b
+        .as_slice()
+        .expect("tile_product takes b in standard layout");
+    // a as [row tile][k][TILE_M], zero rows padding the last tile.
+    let row_tiles = m.div_ceil(TILE_M);
+    let mut a_packed = vec![0.0f32; row_tiles * k * TILE_M];
+    for (i, row) in a.rows().into_iter().enumerate() {
+        let tile = &mut a_packed[(i / TILE_M) * k * TILE_M..][..k * TILE_M];
+        for (r, &v) in row.iter().enumerate() {
+            tile[r * TILE_M + i % TILE_M] = v;
+        }
+    }
+    let block = if row_tiles == 1 { TILE_KC_FEW } else { TILE_KC };
+    let strips = n.div_ceil(TILE_N);
+    let strips_per_unit = strips.div_ceil(threads).max(1);
+    let unit_width = strips_per_unit * TILE_N;
+    let run = |(unit, mut c_unit): (usize, ArrayViewMut2<f32>)| {
+        let j_unit = unit * unit_width;
+        let unit_strips = c_unit.ncols().div_ceil(TILE_N);
+        // Full strips read `b` in place; a narrow last one is copied into a padded strip.
+        let full = (n - j_unit) / TILE_N;
+        let tail = if full < unit_strips {
+            let (j0, width) = (j_unit + full * TILE_N, n - j_unit - full * TILE_N);
+            let mut padded = vec![0.0f32; k * TILE_N];
+            for r in 0..k {
+                padded[r * TILE_N..][..width].copy_from_slice(&b[r * n + j0..][..width]);
+            }
+            padded
+        } else {
+            Vec::new()
+        };
+        // Partial sums, [strip][row tile][TILE_M][TILE_N].
+        let mut sums = vec![[[0.0f32; TILE_N]; TILE_M]; unit_strips * row_tiles];
+        for r0 in (0..k).step_by(block) {
+            let kc = (k - r0).min(block);
+            for strip in 0..unit_strips {
+                let (b_strip, ldb) = if strip < full {
+                    (&b[r0 * n + j_unit + strip * TILE_N..], n)
+                } else {
+                    (&tail[r0 * TILE_N..], TILE_N)
+                };
+                for tile in 0..row_tiles {
+                    let a_tile = &a_packed[(tile * k + r0) * TILE_M..][..kc * TILE_M];
+                    let sums = &mut sums[strip * row_tiles + tile];
+                    if tile == 0 {
+                        tile_kernel::<true>(simd, a_tile, b_strip, ldb, kc, sums);
+                    } else {
+                        tile_kernel::<false>(simd, a_tile, b_strip, ldb, kc, sums);
+                    }
+                }
+            }
+        }
+        for strip in 0..unit_strips {
+            let width = (c_unit.ncols() - strip * TILE_N).min(TILE_N);
+            for tile in 0..row_tiles {
+                let rows = (m - tile * TILE_M).min(TILE_M);
+                for (ii, sums_i) in sums[strip * row_tiles + tile].iter().take(rows).enumerate() {
+                    let mut c_row = c_unit.row_mut(tile * TILE_M + ii);
+                    let mut c_part =
+                        c_row.slice_mut(ndarray::s![strip * TILE_N..strip * TILE_N + width]);
+                    let s = ArrayView1::from(&sums_i[..width]);
+                    if beta == 0.0 {
+                        c_part.zip_mut_with(&s, |c, &s| *c = alpha * s);
+                    } else {
+                        c_part.zip_mut_with(&s, |c, &s| *c = alpha * s + beta * *c);
+                    }
+                }
+            }
+        }
+    };
+    let units = c.axis_chunks_iter_mut(Axis(1), unit_width);
+    if threads > 1 {
+        units.into_par_iter().enumerate().for_each(run);
+    } else {
+        units.enumerate().for_each(run);
+    }
+}
+
+/// One register tile: `sums[i][j] += Σ_r a[r, i] · b[r·ldb + j]` for `i < TILE_M`, `j < TILE_N`,
+/// `r < kc`, with `a` as `[kc][TILE_M]`: one fused multiply-add per term, in order of `r`, on
+/// sixteen AVX-512 registers (through `pulp`'s safe SIMD types).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tile_kernel<const PREFETCH: bool>(
+    simd: pulp::x86::V4,
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    kc: usize,
+    sums: &mut [[f32; TILE_N]; TILE_M],
+) {
+    use pulp::{bytemuck::cast, f32x16};
+    use std::arch::x86_64::_MM_HINT_T0;
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            let mut acc: [[f32x16; 2]; TILE_M] = cast(*sums);
+            for r in 0..kc {
+                let b_r: &[f32; TILE_N] = b[r * ldb..][..TILE_N].try_into().expect("a strip");
+                let a_r: &[f32; TILE_M] = a[r * TILE_M..][..TILE_M].try_into().expect("a tile");
+                let halves: [f32x16; 2] = cast(*b_r);
+                if PREFETCH {
+                    // The same strip's row in the next block of `b`: narrow weights have rows
+                    // too short for the hardware prefetchers to follow.
+                    let ahead = b_r.as_ptr().wrapping_add(kc * ldb).cast::<i8>();
+                    simd.sse._mm_prefetch::<_MM_HINT_T0>(ahead);
+                    simd.sse._mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                    simd.sse
+                        ._mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(127));
+                }
+                for (acc_i, &a_ri) in acc.iter_mut().zip(a_r) {
+                    let s = simd.splat_f32x16(a_ri);
+                    acc_i[0] = simd.mul_add_f32x16(s, halves[0], acc_i[0]);
+                    acc_i[1] = simd.mul_add_f32x16(s, halves[1], acc_i[1]);
+                }
+            }
+            *sums = cast(acc);
+        },
+    )
 }
 
 /// At most this many rows times a row-major weight (a decoding step's projections) go through
@@ -300,10 +471,21 @@ fn few_rows_product(
         } else {
             for (&a_il, b_row) in a_row.iter().zip(b.rows()) {
                 if a_il != 0.0 {
-                    c_row.scaled_add(alpha * a_il, &b_row);
+                    match (c_row.as_slice_mut(), b_row.as_slice()) {
+                        (Some(c), Some(b)) => axpy_slices(alpha * a_il, b, c),
+                        _ => c_row.scaled_add(alpha * a_il, &b_row),
+                    }
                 }
             }
         }
+    }
+}
+
+/// `y += s · x`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn axpy_slices(s: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += s * x;
     }
 }
 
@@ -795,6 +977,46 @@ mod tests {
                 );
                 blocked_product(a.view(), w.view(), 0.5, beta, &mut blocked.view_mut(), 1);
                 assert_abs_diff_eq!(streamed, blocked, epsilon = 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tile_products_match_the_naive_product_whatever_the_thread_count() {
+        let Some(simd) = pulp::x86::V4::try_new() else {
+            return; // no AVX-512 here: gemm_into never takes this kernel
+        };
+        // Partial row tiles, a narrow last strip, k not a multiple of the block; β = 0 and β ≠ 0.
+        for (m, k, n) in [
+            (1, 300, 2100),
+            (8, 37, 64),
+            (13, 130, 70),
+            (64, 17, 33),
+            (30, 512, 96),
+        ] {
+            let a =
+                Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+            let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+            for beta in [0.0, 2.0] {
+                let start = Array2::from_shape_fn((m, n), |(i, j)| (i + 2 * j) as f32 * 0.01);
+                let expected = naive_product(a.view(), w.view(), 0.5, beta, start.view());
+                let mut one = start.clone();
+                tile_product(simd, a.view(), w.view(), 0.5, beta, &mut one.view_mut(), 1);
+                assert_abs_diff_eq!(one, expected, epsilon = 1e-4);
+                for threads in [2, 3] {
+                    let mut many = start.clone();
+                    tile_product(
+                        simd,
+                        a.view(),
+                        w.view(),
+                        0.5,
+                        beta,
+                        &mut many.view_mut(),
+                        threads,
+                    );
+                    assert_eq!(many, one, "{m}x{k}x{n} on {threads} threads");
+                }
             }
         }
     }

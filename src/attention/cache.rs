@@ -11,13 +11,20 @@ use ndarray::{s, Array4, ArrayView4, Axis, Ix4};
 use crate::error::{Error, Result};
 use crate::mask::KeyPaddingMask;
 
-/// One attention's keys and values, `[batch, len, num_heads, d_k]` each, grown along `len`.
+/// One attention's keys and values, stored `[batch, num_heads, capacity, d_k]` and grown along
+/// the positions.
+///
+/// Head-major, so that one head's keys (and values) are a single contiguous block: a decoding
+/// step reads each of them once, front to back, which is what bounds its attention.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyValueCache {
     keys: Array4<f32>,
     values: Array4<f32>,
     len: usize,
 }
+
+/// `[batch, len, heads, d_k]` ↔ `[batch, heads, len, d_k]`.
+const HEADS_FIRST: Ix4 = Ix4(0, 2, 1, 3);
 
 impl KeyValueCache {
     /// An empty cache with room for `capacity` positions.
@@ -28,51 +35,55 @@ impl KeyValueCache {
         d_k: usize,
     ) -> Self {
         KeyValueCache {
-            keys: Array4::zeros((batch, capacity, num_heads, d_k)),
-            values: Array4::zeros((batch, capacity, num_heads, d_k)),
+            keys: Array4::zeros((batch, num_heads, capacity, d_k)),
+            values: Array4::zeros((batch, num_heads, capacity, d_k)),
             len: 0,
         }
     }
 
-    /// A full cache holding `keys` and `values` (the projected encoder memory).
+    /// A full cache from keys and values `[batch, len, num_heads, d_k]` (the encoder memory's).
     pub(crate) fn from_full(keys: Array4<f32>, values: Array4<f32>) -> Self {
         let len = keys.shape()[1];
-        KeyValueCache { keys, values, len }
+        let heads_first = |a: Array4<f32>| {
+            a.permuted_axes(HEADS_FIRST)
+                .as_standard_layout()
+                .into_owned()
+        };
+        KeyValueCache {
+            keys: heads_first(keys),
+            values: heads_first(values),
+            len,
+        }
     }
 
-    /// Appends `[batch, new, num_heads, d_k]` keys and values, growing the storage if needed.
+    /// Appends `new` positions, `[batch, new, num_heads, d_k]` each, growing the storage
+    /// geometrically when full.
     pub(crate) fn append(&mut self, keys: ArrayView4<f32>, values: ArrayView4<f32>) {
         let new = keys.shape()[1];
         let end = self.len + new;
-        if end > self.keys.shape()[1] {
-            let capacity = end.max(2 * self.keys.shape()[1]);
+        if end > self.keys.shape()[2] {
+            let capacity = end.max(2 * self.keys.shape()[2]);
             self.keys = grow(&self.keys, self.len, capacity);
             self.values = grow(&self.values, self.len, capacity);
         }
         self.keys
-            .slice_mut(s![.., self.len..end, .., ..])
-            .assign(&keys);
+            .slice_mut(s![.., .., self.len..end, ..])
+            .assign(&keys.permuted_axes(HEADS_FIRST));
         self.values
-            .slice_mut(s![.., self.len..end, .., ..])
-            .assign(&values);
+            .slice_mut(s![.., .., self.len..end, ..])
+            .assign(&values.permuted_axes(HEADS_FIRST));
         self.len = end;
     }
 
-    /// The cached keys and values as `[batch, num_heads, len, d_k]` views (no copies).
+    /// Keys and values so far as `[batch, num_heads, len, d_k]` views.
     pub(crate) fn heads(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>) {
         let len = self.len;
-        let k = self
-            .keys
-            .slice(s![.., ..len, .., ..])
-            .permuted_axes(Ix4(0, 2, 1, 3));
-        let v = self
-            .values
-            .slice(s![.., ..len, .., ..])
-            .permuted_axes(Ix4(0, 2, 1, 3));
-        (k, v)
+        (
+            self.keys.slice(s![.., .., ..len, ..]),
+            self.values.slice(s![.., .., ..len, ..]),
+        )
     }
 
-    /// Keeps batch rows `rows` (in that order; a row may repeat).
     fn select_rows(&mut self, rows: &[usize]) {
         self.keys = self.keys.select(Axis(0), rows);
         self.values = self.values.select(Axis(0), rows);
@@ -80,11 +91,11 @@ impl KeyValueCache {
 }
 
 fn grow(a: &Array4<f32>, len: usize, capacity: usize) -> Array4<f32> {
-    let (b, _, h, d) = a.dim();
-    let mut bigger = Array4::zeros((b, capacity, h, d));
+    let (b, h, _, d) = a.dim();
+    let mut bigger = Array4::zeros((b, h, capacity, d));
     bigger
-        .slice_mut(s![.., ..len, .., ..])
-        .assign(&a.slice(s![.., ..len, .., ..]));
+        .slice_mut(s![.., .., ..len, ..])
+        .assign(&a.slice(s![.., .., ..len, ..]));
     bigger
 }
 
