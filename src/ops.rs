@@ -14,7 +14,7 @@
 
 use multiversion::multiversion;
 use ndarray::parallel::prelude::*;
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
 /// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
 /// threads of the current rayon pool when the product is large enough to be worth it.
@@ -526,40 +526,71 @@ pub(crate) enum Epilogue {
     BiasGelu,
 }
 
-/// `y = epilogue(x · wᵀ, bias)` into `y`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout),
-/// `y: [rows, out]`: one matrix product, then one pass that adds the bias and activates.
-pub(crate) fn linear_into(
+/// `epilogue(x · wᵀ, bias)`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout); returns
+/// `[rows, out]`.
+///
+/// The output starts as the bias, repeated on every row, and the product is added to it
+/// (`beta = 1`): the sum `x · wᵀ + b` is the same float either way, and this saves a zeroing pass
+/// and a bias pass over the output. An activation, if any, is one more pass.
+pub(crate) fn linear(
     x: ArrayView2<f32>,
     w: ArrayView2<f32>,
     bias: Option<ArrayView1<f32>>,
     epilogue: Epilogue,
-    y: &mut ArrayViewMut2<f32>,
-) {
-    matmul_into(x, w.t(), 1.0, 0.0, y);
-    match (epilogue, bias) {
-        (Epilogue::Bias, None) => {}
-        (_, Some(b)) => rows_with_bias(y, b, epilogue),
-        (Epilogue::BiasRelu, None) => y.par_mapv_inplace(|v| v.max(0.0)),
-        (Epilogue::BiasGelu, None) => y.par_mapv_inplace(gelu),
+) -> Array2<f32> {
+    let (rows, out) = (x.nrows(), w.nrows());
+    let mut y = match bias {
+        // Large outputs (logits) come as fresh zeroed pages and are filled by all threads.
+        Some(b) if rows * out >= PARALLEL_FILL => {
+            let mut y = Array2::zeros((rows, out));
+            y.axis_iter_mut(Axis(0))
+                .into_par_iter()
+                .with_min_len(16)
+                .for_each(|mut row| row.assign(&b));
+            y
+        }
+        Some(b) => {
+            let b = b.to_vec();
+            let mut data = Vec::with_capacity(rows * out);
+            for _ in 0..rows {
+                data.extend_from_slice(&b);
+            }
+            Array2::from_shape_vec((rows, out), data).expect("rows × out values")
+        }
+        None => Array2::zeros((rows, out)),
+    };
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut());
+    match epilogue {
+        Epilogue::Bias => {}
+        Epilogue::BiasRelu => activate_rows(&mut y, Activation::Relu),
+        Epilogue::BiasGelu => activate_rows(&mut y, Activation::Gelu),
     }
+    y
 }
 
-/// `y[i, j] = epilogue(y[i, j], bias[j])` for every row, rows in parallel.
-fn rows_with_bias(y: &mut ArrayViewMut2<f32>, bias: ArrayView1<f32>, epilogue: Epilogue) {
-    let bias = bias.to_vec();
+/// Outputs of at least this many values get their bias written by all threads.
+const PARALLEL_FILL: usize = 1 << 22;
+
+#[derive(Clone, Copy)]
+enum Activation {
+    Relu,
+    Gelu,
+}
+
+/// `y[i, j] = activation(y[i, j])`, rows in parallel.
+fn activate_rows(y: &mut Array2<f32>, activation: Activation) {
     y.axis_iter_mut(Axis(0))
         .into_par_iter()
         .with_min_len(16)
-        .for_each(|row| with_slice(row, |row| bias_activation(row, &bias, epilogue)));
+        .for_each(|row| with_slice(row, |row| activate(row, activation)));
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn bias_activation(row: &mut [f32], bias: &[f32], epilogue: Epilogue) {
-    let pairs = row.iter_mut().zip(bias);
-    match epilogue {
-        Epilogue::Bias => pairs.for_each(|(v, b)| *v += b),
-        Epilogue::BiasRelu => pairs.for_each(|(v, b)| *v = (*v + b).max(0.0)),
-        Epilogue::BiasGelu => pairs.for_each(|(v, b)| *v = gelu(*v + b)),
+fn activate(row: &mut [f32], activation: Activation) {
+    match activation {
+        Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Gelu => row.iter_mut().for_each(|v| *v = gelu(*v)),
     }
 }
 
@@ -710,24 +741,49 @@ fn max_lanes(x: &[f32]) -> f32 {
 /// `eʳ` (truncation error below 1e-9) and `2ⁿ` built in the exponent bits.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// `a · b + c`, fused into one rounding when `FUSED` (for callers compiled with FMA, where it is
+/// one instruction instead of two; elsewhere it is a slow library call).
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// [`exp`], with fused multiply-adds when `FUSED`.
+#[inline(always)]
+fn exp_with<const FUSED: bool>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     // Below this eˣ is under f32's smallest normal; the softmax treats it as 0.
     const MIN: f32 = -87.0;
+    const TAYLOR: [f32; 8] = [
+        1.0,
+        1.0,
+        0.5,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5040.0,
+    ];
     let clamped = x.clamp(MIN, 88.0);
     // Adding 1.5·2²³ rounds x·log₂e to the nearest integer n and leaves n in the low mantissa
     // bits; subtracting it again gives n as a float. Plain vector arithmetic, where `round`
     // and a float-to-int cast would not vectorise.
     const ROUND: f32 = 12_582_912.0;
-    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let shifted = madd::<FUSED>(clamped, std::f32::consts::LOG2_E, ROUND);
     let n = shifted - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = madd::<FUSED>(-n, LN2_LO, madd::<FUSED>(-n, LN2_HI, clamped));
+    let p = TAYLOR[..7]
+        .iter()
+        .rev()
+        .fold(TAYLOR[7], |acc, &c| madd::<FUSED>(acc, r, c));
     // 2ⁿ: n + 127 in the exponent field.
     let scale = f32::from_bits(
         shifted
@@ -744,7 +800,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 }
 
 /// Exact GELU, `0.5·x·(1 + erf(x/√2))` (PyTorch's `approximate="none"`), in f32 arithmetic the
-/// compiler vectorises.
+/// compiler vectorises, with fused multiply-adds: call it from code compiled for FMA.
 ///
 /// erf comes from Abramowitz & Stegun 7.1.26, `1 − t·P(t)·e^(−z²)` with `t = 1/(1 + p|z|)`
 /// (absolute error ≤ 1.5e-7), the formula of PyTorch's own vectorised CPU kernel; the result is
@@ -762,9 +818,13 @@ pub(crate) fn gelu(x: f32) -> f32 {
     ];
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
-    let t = 1.0 / (1.0 + P * a);
-    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
-    let erf = (1.0 - poly * exp(-(a * a))).copysign(z);
+    let t = 1.0 / madd::<true>(P, a, 1.0);
+    let poly = A[..4]
+        .iter()
+        .rev()
+        .fold(A[4], |acc, &c| madd::<true>(acc, t, c))
+        * t;
+    let erf = madd::<true>(-poly, exp_with::<true>(-(a * a)), 1.0).copysign(z);
     0.5 * x * (1.0 + erf)
 }
 
@@ -850,14 +910,7 @@ mod tests {
         let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 * 0.1);
         let w = Array2::from_shape_fn((2, 4), |(o, i)| (o as f32 - i as f32) * 0.3);
         let b = array![0.5f32, -1.0];
-        let mut y = Array2::zeros((3, 2));
-        linear_into(
-            x.view(),
-            w.view(),
-            Some(b.view()),
-            Epilogue::Bias,
-            &mut y.view_mut(),
-        );
+        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::Bias);
         for r in 0..3 {
             for o in 0..2 {
                 let expect: f32 = (0..4).map(|i| x[[r, i]] * w[[o, i]]).sum::<f32>() + b[o];
@@ -894,23 +947,12 @@ mod tests {
         let x = array![[1.0f32, -2.0]];
         let w = array![[1.0f32, 0.0], [0.0, 1.0]];
         let b = array![0.5f32, 1.0];
-        let mut y = Array2::zeros((1, 2));
-        linear_into(
-            x.view(),
-            w.view(),
-            Some(b.view()),
-            Epilogue::BiasRelu,
-            &mut y.view_mut(),
-        );
+        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::BiasRelu);
         assert_eq!(y, array![[1.5f32, 0.0]]);
-        linear_into(
-            x.view(),
-            w.view(),
-            Some(b.view()),
-            Epilogue::BiasGelu,
-            &mut y.view_mut(),
-        );
+        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::BiasGelu);
         assert_abs_diff_eq!(y, array![[gelu(1.5), gelu(-1.0)]], epsilon = 0.0);
+        let y = linear(x.view(), w.view(), None, Epilogue::BiasRelu);
+        assert_eq!(y, array![[1.0f32, 0.0]]);
     }
 
     #[test]

@@ -355,17 +355,14 @@ impl Transformer {
             .view()
             .into_shape_with_order((b * len, d))
             .expect("standard layout");
-        let mut logits = Array2::zeros((b * len, self.config.tgt_vocab));
-        ops::linear_into(
+        ops::linear(
             flat,
             self.output_weight(),
             Some(self.generator_bias.view()),
             ops::Epilogue::Bias,
-            &mut logits.view_mut(),
-        );
-        logits
-            .into_shape_with_order((b, len, self.config.tgt_vocab))
-            .expect("same element count")
+        )
+        .into_shape_with_order((b, len, self.config.tgt_vocab))
+        .expect("same element count")
     }
 
     /// The full model: logits for every target position (teacher forcing).
