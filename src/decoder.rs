@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
 use crate::mask::Mask;
+use crate::ops;
 use crate::residual::{norm_inplace, residual};
 
 /// One decoder layer: masked self-attention, cross-attention over the memory, feed-forward,
@@ -295,6 +296,17 @@ impl Decoder {
     }
 
     pub(crate) fn run(
+        &self,
+        x: ArrayView3<f32>,
+        memory: ArrayView3<f32>,
+        self_mask: &Mask,
+        cross_mask: &Mask,
+        trace: Option<&mut DecoderTrace>,
+    ) -> Array3<f32> {
+        ops::with_warm_pool(|| self.run_layers(x, memory, self_mask, cross_mask, trace))
+    }
+
+    fn run_layers(
         &self,
         x: ArrayView3<f32>,
         memory: ArrayView3<f32>,

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
 use crate::mask::Mask;
+use crate::ops;
 use crate::residual::{norm_inplace, residual};
 
 /// One encoder layer: `x → Norm(x + SelfAttn(x)) → Norm(x + FFN(x))` (post-LN), or the pre-LN order.
@@ -210,6 +211,15 @@ impl Encoder {
         &self,
         x: ArrayView3<f32>,
         mask: &Mask,
+        trace: Option<&mut EncoderTrace>,
+    ) -> Array3<f32> {
+        ops::with_warm_pool(|| self.run_layers(x, mask, trace))
+    }
+
+    fn run_layers(
+        &self,
+        x: ArrayView3<f32>,
+        mask: &Mask,
         mut trace: Option<&mut EncoderTrace>,
     ) -> Array3<f32> {
         let (b, len, _) = x.dim();
@@ -234,13 +244,15 @@ impl Encoder {
 impl Encoder {
     /// The stack on sequences packed without padding (see [`EncoderLayer::forward_packed`]).
     pub(crate) fn run_packed(&self, mut x: Array3<f32>, lengths: &[usize]) -> Array3<f32> {
-        for layer in &self.layers {
-            x = layer.forward_packed(x, lengths);
-        }
-        if let Some(norm) = &self.norm {
-            norm_inplace(norm, &mut x);
-        }
-        x
+        ops::with_warm_pool(|| {
+            for layer in &self.layers {
+                x = layer.forward_packed(x, lengths);
+            }
+            if let Some(norm) = &self.norm {
+                norm_inplace(norm, &mut x);
+            }
+            x
+        })
     }
 }
 

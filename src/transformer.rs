@@ -526,11 +526,12 @@ impl Transformer {
         let ids = tokens.insert_axis(Axis(1));
         let x = self.embed_at(self.tgt_embedding(), ids, "target ids", cache.len)?;
         let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
-        let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
+        let logits = ops::with_warm_pool(|| {
+            let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
+            self.project_unchecked(decoded.view())
+        });
         cache.len += 1;
-        Ok(self
-            .project_unchecked(decoded.view())
-            .index_axis_move(Axis(1), 0))
+        Ok(logits.index_axis_move(Axis(1), 0))
     }
 
     fn compute_fingerprint(&self) -> u64 {
