@@ -114,6 +114,16 @@ impl Transformer {
         src_padding: Option<&KeyPaddingMask>,
         options: &GreedyOptions,
     ) -> Result<Vec<Vec<u32>>> {
+        // One warm pass for the whole generation: the steps and the choices between them.
+        ops::with_warm_pool(|| self.greedy_decode_in_pass(src, src_padding, options))
+    }
+
+    fn greedy_decode_in_pass(
+        &self,
+        src: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        options: &GreedyOptions,
+    ) -> Result<Vec<Vec<u32>>> {
         self.check_token("bos_id", options.bos_id)?;
         if let Some(eos) = options.eos_id {
             self.check_token("eos_id", eos)?;
@@ -169,6 +179,15 @@ impl Transformer {
     /// table, `num_return` 0 or above the beam size, a negative or non-finite α, or BOS/EOS
     /// outside the target vocabulary; the errors of [`encode`](Self::encode).
     pub fn beam_search(
+        &self,
+        src: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        options: &BeamSearchOptions,
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        ops::with_warm_pool(|| self.beam_search_in_pass(src, src_padding, options))
+    }
+
+    fn beam_search_in_pass(
         &self,
         src: ArrayView2<u32>,
         src_padding: Option<&KeyPaddingMask>,

@@ -205,6 +205,35 @@ fn selecting_cache_rows_equals_decoding_those_rows() {
 }
 
 #[test]
+fn a_truncated_cache_decodes_like_one_that_never_saw_the_dropped_tokens() {
+    let model =
+        Transformer::new(tiny(NormPosition::Post, 13), &mut StdRng::seed_from_u64(6)).unwrap();
+    let src = array![[3u32, 4, 5], [6, 7, 0]];
+    let padding = KeyPaddingMask::from_lengths(&[3, 2], 3).unwrap();
+    let memory = model.encode(src.view(), Some(&padding)).unwrap();
+    let prefix = [array![1u32, 1], array![5, 6]];
+    let mut fresh = model.start_decoding(memory.view(), Some(&padding)).unwrap();
+    let mut rewound = fresh.clone();
+    for tokens in &prefix {
+        model.decode_step(tokens.view(), &mut fresh).unwrap();
+        model.decode_step(tokens.view(), &mut rewound).unwrap();
+    }
+    // Three draft tokens decoded, then dropped again.
+    for tokens in [array![9u32, 4], array![2, 3], array![7, 7]] {
+        model.decode_step(tokens.view(), &mut rewound).unwrap();
+    }
+    rewound.truncate(prefix.len()).unwrap();
+    assert_eq!(rewound.len(), prefix.len());
+    let next = array![8u32, 10];
+    let want = model.decode_step(next.view(), &mut fresh).unwrap();
+    let got = model.decode_step(next.view(), &mut rewound).unwrap();
+    assert_eq!(got, want);
+    let err = rewound.truncate(10).unwrap_err();
+    assert!(matches!(err, Error::CacheMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("truncate to 10"), "{err}");
+}
+
+#[test]
 fn beam_size_one_without_length_penalty_equals_greedy() {
     for seed in 0..4 {
         let model = Transformer::new(

@@ -84,6 +84,11 @@ impl KeyValueCache {
         )
     }
 
+    /// Forgets every position from `len` on (the storage stays for reuse).
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     fn select_rows(&mut self, rows: &[usize]) {
         self.keys = self.keys.select(Axis(0), rows);
         self.values = self.values.select(Axis(0), rows);
@@ -136,6 +141,29 @@ impl DecoderCache {
     /// Whether no target position has been decoded yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Rewinds the cache to its first `len` target positions, as if only those had been
+    /// decoded: the next [`decode_step`](crate::Transformer::decode_step) feeds position `len`.
+    /// For re-decoding from a shared prefix (or discarding rejected draft tokens) without
+    /// starting over; the storage is kept.
+    ///
+    /// # Errors
+    /// [`Error::CacheMismatch`] if `len` is more than the positions decoded so far.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(Error::CacheMismatch {
+                reason: format!(
+                    "cannot truncate to {len} positions: the cache holds {}",
+                    self.len
+                ),
+            });
+        }
+        for layer in &mut self.layers {
+            layer.self_attn.truncate(len);
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Source length of the memory the cache attends to.
