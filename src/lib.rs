@@ -59,8 +59,10 @@
 //! Every parallel loop — the large matrix products, attention over batch rows and heads, and
 //! the row-wise kernels — runs on the current [rayon](https://docs.rs/rayon) pool, one level at
 //! a time (a product inside the per-head loop runs on its own thread), so the threads never
-//! oversubscribe the cores. Choose the count with the `RAYON_NUM_THREADS` environment
-//! variable, or run the model inside your own pool:
+//! oversubscribe the cores. During a pass (an encoder or decoder stack, a decoding step, a
+//! greedy or beam search) the pool's idle threads poll for the pass's next loop instead of
+//! sleeping between loops, and stop when it ends. Choose the count with the `RAYON_NUM_THREADS`
+//! environment variable, or run the model inside your own pool:
 //!
 //! ```
 //! # use ndarray::array;
@@ -76,8 +78,9 @@
 //!
 //! Results do not depend on the thread count: a pool of any size, and any number of threads
 //! calling one shared `&Transformer` at once, give the same bits (threads split a product's
-//! rows and columns, never a sum, and the kernel is chosen by the shapes alone). The crate
-//! keeps no global mutable state; `docs/guarantees.md` in the repository has the details.
+//! rows and columns, never a sum, and the kernel is chosen by the shapes and the CPU alone).
+//! The crate keeps no global mutable state; `docs/guarantees.md` and `docs/threads.md` in the
+//! repository have the details.
 #![warn(missing_docs)]
 
 pub mod attention;
