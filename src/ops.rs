@@ -71,9 +71,10 @@ pub(crate) fn with_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         for _ in 1..threads {
             scope.spawn(|_| keep_warm(&done));
         }
-        WARM_PASSES.with(|depth| depth.set(depth.get() + 1));
-        let result = f();
-        WARM_PASSES.with(|depth| depth.set(depth.get() - 1));
+        let result = {
+            let _in_pass = InPass::enter();
+            f()
+        };
         done.store(true, Ordering::Release);
         result
     })
@@ -82,6 +83,22 @@ pub(crate) fn with_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 thread_local! {
     /// How many [`with_warm_pool`] passes this thread is running (nested calls count).
     static WARM_PASSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as running a pass until dropped (also when the pass panics).
+struct InPass;
+
+impl InPass {
+    fn enter() -> Self {
+        WARM_PASSES.with(|depth| depth.set(depth.get() + 1));
+        InPass
+    }
+}
+
+impl Drop for InPass {
+    fn drop(&mut self) {
+        WARM_PASSES.with(|depth| depth.set(depth.get() - 1));
+    }
 }
 
 /// An idle thread's wait for the end of a pass: run pool work when there is some, else spin.
