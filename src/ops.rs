@@ -686,13 +686,16 @@ pub fn softmax_rows_inplace(mut scores: ArrayViewMut2<f32>) {
 /// Log-softmax of each row in place: `x - max - ln Σ exp(x - max)`, stable for large logits.
 pub fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
     for row in x.rows_mut() {
-        with_slice(row, |row| {
-            let max = max_lanes(row);
-            let sum: f32 = sum_lanes_map(row, |v| exp(v - max));
-            let shift = max + sum.ln();
-            row.iter_mut().for_each(|v| *v -= shift);
-        });
+        with_slice(row, log_softmax_slice);
     }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn log_softmax_slice(row: &mut [f32]) {
+    let max = max_lanes(row);
+    let sum: f32 = sum_lanes_map(row, |v| exp(v - max));
+    let shift = max + sum.ln();
+    row.iter_mut().for_each(|v| *v -= shift);
 }
 
 /// LayerNorm of each row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
@@ -908,17 +911,44 @@ pub(crate) fn gelu(x: f32) -> f32 {
 
 /// Index of the largest entry of each row; ties go to the lowest index.
 pub(crate) fn argmax_rows(x: ArrayView2<f32>) -> Vec<usize> {
-    x.axis_iter(Axis(0))
-        .map(|row| {
-            let mut best = 0;
-            for (j, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = j;
-                }
-            }
-            best
+    x.rows()
+        .into_iter()
+        .map(|row| match row.as_slice() {
+            Some(row) => argmax_slice(row),
+            None => argmax_slice(&row.to_vec()),
         })
         .collect()
+}
+
+/// [`argmax_rows`] on one row, in [`LANES`] running maxima: each lane keeps the first index of
+/// its largest value (strict `>`), so the smallest index among the lanes holding the overall
+/// largest value is the row's first one. NaNs are never chosen over a number.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn argmax_slice(x: &[f32]) -> usize {
+    let mut best = [f32::NEG_INFINITY; LANES];
+    let mut at = [0usize; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail_start = x.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        for (lane, &v) in chunk.iter().enumerate() {
+            if v > best[lane] {
+                best[lane] = v;
+                at[lane] = c * LANES + lane;
+            }
+        }
+    }
+    let (mut max, mut index) = (f32::NEG_INFINITY, 0);
+    for (&v, &i) in best.iter().zip(&at) {
+        if v > max || (v == max && i < index) {
+            (max, index) = (v, i);
+        }
+    }
+    for (i, &v) in x.iter().enumerate().skip(tail_start) {
+        if v > max {
+            (max, index) = (v, i);
+        }
+    }
+    index
 }
 
 #[cfg(test)]
@@ -1037,6 +1067,25 @@ mod tests {
     fn argmax_breaks_ties_to_lowest_id() {
         let x = array![[1.0f32, 3.0, 3.0], [2.0, 2.0, 2.0]];
         assert_eq!(argmax_rows(x.view()), vec![1, 0]);
+        // Many ties, lengths around the lane width, contiguous and strided rows, -inf rows.
+        let first_max = |row: &[f32]| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter().position(|&v| v == max).unwrap()
+        };
+        for len in [1, 15, 16, 17, 33, 100, 1000] {
+            let x = Array2::from_shape_fn((4, len), |(i, j)| ((j * 7 + i * 3) % 5) as f32);
+            let want: Vec<usize> = x
+                .rows()
+                .into_iter()
+                .map(|r| first_max(&r.to_vec()))
+                .collect();
+            assert_eq!(argmax_rows(x.view()), want, "len {len}");
+            assert_eq!(argmax_rows(x.t().t()), want);
+            let strided = x.t().to_owned();
+            assert_eq!(argmax_rows(strided.t()), want, "strided, len {len}");
+        }
+        let masked = Array2::from_elem((2, 40), f32::NEG_INFINITY);
+        assert_eq!(argmax_rows(masked.view()), vec![0, 0]);
     }
 
     #[test]
