@@ -365,14 +365,12 @@ fn tile_product(
                 let rows = (m - tile * TILE_M).min(TILE_M);
                 for (ii, sums_i) in sums[strip * row_tiles + tile].iter().take(rows).enumerate() {
                     let mut c_row = c_unit.row_mut(tile * TILE_M + ii);
-                    let mut c_part =
-                        c_row.slice_mut(ndarray::s![strip * TILE_N..strip * TILE_N + width]);
-                    let s = ArrayView1::from(&sums_i[..width]);
-                    if beta == 0.0 {
-                        c_part.zip_mut_with(&s, |c, &s| *c = alpha * s);
-                    } else {
-                        c_part.zip_mut_with(&s, |c, &s| *c = alpha * s + beta * *c);
-                    }
+                    store_sums(
+                        c_row.slice_mut(ndarray::s![strip * TILE_N..strip * TILE_N + width]),
+                        &sums_i[..width],
+                        alpha,
+                        beta,
+                    );
                 }
             }
         }
@@ -428,6 +426,16 @@ fn tile_kernel<const PREFETCH: bool>(
     )
 }
 
+/// `c = alpha · sums + beta · c` for one row piece; with `beta == 0` the old `c` is not read.
+fn store_sums(mut c: ArrayViewMut1<f32>, sums: &[f32], alpha: f32, beta: f32) {
+    let sums = ArrayView1::from(sums);
+    if beta == 0.0 {
+        c.zip_mut_with(&sums, |c, &s| *c = alpha * s);
+    } else {
+        c.zip_mut_with(&sums, |c, &s| *c = alpha * s + beta * *c);
+    }
+}
+
 /// At most this many rows times a row-major weight (a decoding step's projections) go through
 /// [`streaming_product`]: such a product is bound by reading the weight once, which the blocked
 /// kernel's packing does in pieces the prefetchers follow badly.
@@ -469,14 +477,8 @@ fn streaming_product(
                 .collect();
             let mut acc = vec![0.0f32; m * w];
             stream_block(&a_t, m, &rows, &mut acc, w);
-            for (i, mut c_row) in c_block.rows_mut().into_iter().enumerate() {
-                let acc_i = &acc[i * w..(i + 1) * w];
-                if beta == 0.0 {
-                    c_row.zip_mut_with(&ArrayView1::from(acc_i), |c, &s| *c = alpha * s);
-                } else {
-                    c_row
-                        .zip_mut_with(&ArrayView1::from(acc_i), |c, &s| *c = alpha * s + beta * *c);
-                }
+            for (i, c_row) in c_block.rows_mut().into_iter().enumerate() {
+                store_sums(c_row, &acc[i * w..(i + 1) * w], alpha, beta);
             }
         });
 }
@@ -593,7 +595,7 @@ fn dot_slices(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// A non-linearity applied together with a bias, in one pass over the output.
+/// What [`linear`] does after the product: the bias (folded into the product) and an activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Epilogue {
     /// `y + b`
@@ -639,10 +641,8 @@ pub(crate) fn linear(
     };
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
     matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut());
-    match epilogue {
-        Epilogue::Bias => {}
-        Epilogue::BiasRelu => activate_rows(&mut y, Activation::Relu),
-        Epilogue::BiasGelu => activate_rows(&mut y, Activation::Gelu),
+    if epilogue != Epilogue::Bias {
+        activate_rows(&mut y, epilogue);
     }
     y
 }
@@ -650,25 +650,21 @@ pub(crate) fn linear(
 /// Outputs of at least this many values get their bias written by all threads.
 const PARALLEL_FILL: usize = 1 << 22;
 
-#[derive(Clone, Copy)]
-enum Activation {
-    Relu,
-    Gelu,
-}
-
-/// `y[i, j] = activation(y[i, j])`, rows in parallel.
-fn activate_rows(y: &mut Array2<f32>, activation: Activation) {
+/// The epilogue's activation on every row of `y`, which already holds `x · wᵀ + b`; rows in
+/// parallel.
+fn activate_rows(y: &mut Array2<f32>, epilogue: Epilogue) {
     y.axis_iter_mut(Axis(0))
         .into_par_iter()
         .with_min_len(16)
-        .for_each(|row| with_slice(row, |row| activate(row, activation)));
+        .for_each(|row| with_slice(row, |row| activate(row, epilogue)));
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn activate(row: &mut [f32], activation: Activation) {
-    match activation {
-        Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
-        Activation::Gelu => row.iter_mut().for_each(|v| *v = gelu(*v)),
+fn activate(row: &mut [f32], epilogue: Epilogue) {
+    match epilogue {
+        Epilogue::Bias => {}
+        Epilogue::BiasRelu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Epilogue::BiasGelu => row.iter_mut().for_each(|v| *v = gelu(*v)),
     }
 }
 
