@@ -9,22 +9,27 @@
 use ndarray::{s, Array4, ArrayView4, Axis, Ix4};
 
 use crate::error::{Error, Result};
+use crate::huge_pages;
 use crate::mask::KeyPaddingMask;
 
-/// One attention's keys and values, stored `[batch, num_heads, capacity, d_k]` and grown along
-/// the positions.
+/// One attention's keys and values: values stored `[batch, num_heads, capacity, d_k]`, keys
+/// transposed, `[batch, num_heads, d_k, capacity]`; both grown along the positions.
 ///
-/// Head-major, so that one head's keys (and values) are a single contiguous block: a decoding
-/// step reads each of them once, front to back, which is what bounds its attention.
+/// Head-major, so that one head's keys (and values) are a single block that a decoding step
+/// reads once, front to back, which is what bounds its attention. Keys are stored transposed
+/// so that the scores of one query, `q Kᵀ`, are a sum of `d_k` rows of `Kᵀ`, each scaled by one
+/// entry of `q`: whole vectors of keys at a time, not one short dot product per key.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyValueCache {
-    keys: Array4<f32>,
+    keys_t: Array4<f32>,
     values: Array4<f32>,
     len: usize,
 }
 
-/// `[batch, len, heads, d_k]` ↔ `[batch, heads, len, d_k]`.
+/// `[batch, len, heads, d_k]` → `[batch, heads, len, d_k]`.
 const HEADS_FIRST: Ix4 = Ix4(0, 2, 1, 3);
+/// `[batch, len, heads, d_k]` → `[batch, heads, d_k, len]`.
+const HEADS_FIRST_T: Ix4 = Ix4(0, 2, 3, 1);
 
 impl KeyValueCache {
     /// An empty cache with room for `capacity` positions.
@@ -35,7 +40,7 @@ impl KeyValueCache {
         d_k: usize,
     ) -> Self {
         KeyValueCache {
-            keys: Array4::zeros((batch, num_heads, capacity, d_k)),
+            keys_t: Array4::zeros((batch, num_heads, d_k, capacity)),
             values: Array4::zeros((batch, num_heads, capacity, d_k)),
             len: 0,
         }
@@ -44,16 +49,17 @@ impl KeyValueCache {
     /// A full cache from keys and values `[batch, len, num_heads, d_k]` (the encoder memory's).
     pub(crate) fn from_full(keys: Array4<f32>, values: Array4<f32>) -> Self {
         let len = keys.shape()[1];
-        let heads_first = |a: Array4<f32>| {
-            a.permuted_axes(HEADS_FIRST)
-                .as_standard_layout()
-                .into_owned()
-        };
+        let reorder =
+            |a: Array4<f32>, axes: Ix4| huge_pages::standard_copy(a.view().permuted_axes(axes));
         KeyValueCache {
-            keys: heads_first(keys),
-            values: heads_first(values),
+            keys_t: reorder(keys, HEADS_FIRST_T),
+            values: reorder(values, HEADS_FIRST),
             len,
         }
+    }
+
+    fn capacity(&self) -> usize {
+        self.values.shape()[2]
     }
 
     /// Appends `new` positions, `[batch, new, num_heads, d_k]` each, growing the storage
@@ -61,25 +67,28 @@ impl KeyValueCache {
     pub(crate) fn append(&mut self, keys: ArrayView4<f32>, values: ArrayView4<f32>) {
         let new = keys.shape()[1];
         let end = self.len + new;
-        if end > self.keys.shape()[2] {
-            let capacity = end.max(2 * self.keys.shape()[2]);
-            self.keys = grow(&self.keys, self.len, capacity);
-            self.values = grow(&self.values, self.len, capacity);
+        if end > self.capacity() {
+            let capacity = end.max(2 * self.capacity());
+            self.keys_t = grow(&self.keys_t, Axis(3), self.len, capacity);
+            self.values = grow(&self.values, Axis(2), self.len, capacity);
         }
-        self.keys
-            .slice_mut(s![.., .., self.len..end, ..])
-            .assign(&keys.permuted_axes(HEADS_FIRST));
+        self.keys_t
+            .slice_mut(s![.., .., .., self.len..end])
+            .assign(&keys.permuted_axes(HEADS_FIRST_T));
         self.values
             .slice_mut(s![.., .., self.len..end, ..])
             .assign(&values.permuted_axes(HEADS_FIRST));
         self.len = end;
     }
 
-    /// Keys and values so far as `[batch, num_heads, len, d_k]` views.
+    /// Keys and values so far as `[batch, num_heads, len, d_k]` views (the keys' view strided,
+    /// transposed back from their storage).
     pub(crate) fn heads(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>) {
         let len = self.len;
         (
-            self.keys.slice(s![.., .., ..len, ..]),
+            self.keys_t
+                .slice(s![.., .., .., ..len])
+                .permuted_axes([0, 1, 3, 2]),
             self.values.slice(s![.., .., ..len, ..]),
         )
     }
@@ -90,17 +99,19 @@ impl KeyValueCache {
     }
 
     fn select_rows(&mut self, rows: &[usize]) {
-        self.keys = self.keys.select(Axis(0), rows);
+        self.keys_t = self.keys_t.select(Axis(0), rows);
         self.values = self.values.select(Axis(0), rows);
     }
 }
 
-fn grow(a: &Array4<f32>, len: usize, capacity: usize) -> Array4<f32> {
-    let (b, h, _, d) = a.dim();
-    let mut bigger = Array4::zeros((b, h, capacity, d));
+/// `a` with its positions axis `axis` grown to `capacity`, the first `len` positions kept.
+fn grow(a: &Array4<f32>, axis: Axis, len: usize, capacity: usize) -> Array4<f32> {
+    let mut shape = a.raw_dim();
+    shape[axis.index()] = capacity;
+    let mut bigger = Array4::zeros(shape);
     bigger
-        .slice_mut(s![.., .., ..len, ..])
-        .assign(&a.slice(s![.., .., ..len, ..]));
+        .slice_axis_mut(axis, (..len).into())
+        .assign(&a.slice_axis(axis, (..len).into()));
     bigger
 }
 
@@ -211,16 +222,36 @@ mod tests {
 
     #[test]
     fn append_grows_and_views_heads() {
+        // Every value names its position, batch row, head and channel.
+        let value =
+            |t: usize, b: usize, h: usize, d: usize| (1000 * t + 100 * b + 10 * h + d) as f32;
         let mut c = KeyValueCache::with_capacity(2, 1, 3, 4);
         for t in 0..5 {
-            let k = Array4::from_elem((2, 1, 3, 4), t as f32);
-            c.append(k.view(), k.view());
+            let k = Array4::from_shape_fn((2, 1, 3, 4), |(b, _, h, d)| value(t, b, h, d));
+            c.append(k.view(), (-&k).view());
         }
         let (k, v) = c.heads();
         assert_eq!(k.shape(), &[2, 3, 5, 4]);
-        assert_eq!(k[[1, 2, 3, 0]], 3.0);
-        assert_eq!(v[[0, 0, 4, 3]], 4.0);
+        assert_eq!(v.shape(), &[2, 3, 5, 4]);
+        for ((b, h, t, d), &key) in k.indexed_iter() {
+            assert_eq!(key, value(t, b, h, d));
+            assert_eq!(v[[b, h, t, d]], -value(t, b, h, d));
+        }
         c.select_rows(&[1, 1, 0]);
-        assert_eq!(c.heads().0.shape(), &[3, 3, 5, 4]);
+        let (k, v) = c.heads();
+        assert_eq!(k.shape(), &[3, 3, 5, 4]);
+        assert_eq!(k[[2, 1, 3, 2]], value(3, 0, 1, 2));
+        assert_eq!(v[[0, 2, 4, 1]], -value(4, 1, 2, 1));
+    }
+
+    #[test]
+    fn a_full_cache_views_its_keys_and_values_per_head() {
+        let keys = Array4::from_shape_fn((2, 5, 3, 4), |(b, t, h, d)| {
+            (1000 * t + 100 * b + 10 * h + d) as f32
+        });
+        let c = KeyValueCache::from_full(keys.clone(), keys.mapv(|x| -x));
+        let (k, v) = c.heads();
+        assert_eq!(k, keys.view().permuted_axes([0, 2, 1, 3]));
+        assert_eq!(v, keys.mapv(|x| -x).permuted_axes([0, 2, 1, 3]));
     }
 }
