@@ -93,6 +93,7 @@ mod encoder;
 mod encoder_model;
 mod error;
 mod feed_forward;
+mod huge_pages;
 pub mod init;
 mod input_embedding;
 mod layer_norm;

@@ -4,7 +4,7 @@ use ndarray::{Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, Dimensio
 use rand::Rng;
 
 use crate::error::{Error, Result};
-use crate::{init, ops};
+use crate::{huge_pages, init, ops};
 
 /// A fully connected layer, `y = x Wᵀ + b`, with the weight in PyTorch's `[out, in]` layout.
 ///
@@ -67,7 +67,7 @@ impl Linear {
 
     pub(crate) fn from_parts(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Self {
         debug_assert!(bias.as_ref().is_none_or(|b| b.len() == weight.nrows()));
-        let weight_t = weight.reversed_axes().as_standard_layout().into_owned();
+        let weight_t = huge_pages::standard_copy(weight.t());
         Linear { weight_t, bias }
     }
 

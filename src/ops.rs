@@ -14,7 +14,9 @@
 
 use multiversion::multiversion;
 use ndarray::parallel::prelude::*;
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Dim};
+
+use crate::huge_pages;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
@@ -620,9 +622,9 @@ pub(crate) fn linear(
 ) -> Array2<f32> {
     let (rows, out) = (x.nrows(), w.nrows());
     let mut y = match bias {
-        // Large outputs (logits) come as fresh zeroed pages and are filled by all threads.
+        // Large outputs (logits) come as fresh zeroed huge pages and are filled by all threads.
         Some(b) if rows * out >= PARALLEL_FILL => {
-            let mut y = Array2::zeros((rows, out));
+            let mut y = huge_pages::zeros(Dim([rows, out]));
             y.axis_iter_mut(Axis(0))
                 .into_par_iter()
                 .with_min_len(16)
@@ -637,7 +639,7 @@ pub(crate) fn linear(
             }
             Array2::from_shape_vec((rows, out), data).expect("rows × out values")
         }
-        None => Array2::zeros((rows, out)),
+        None => huge_pages::zeros(Dim([rows, out])),
     };
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
     matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut());

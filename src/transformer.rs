@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::mask::{KeyPaddingMask, Mask};
-use crate::ops;
+use crate::{huge_pages, ops};
 use crate::positional::PositionalEncoding;
 
 /// The Transformer: token ids in, next-token logits out.
@@ -133,7 +133,7 @@ impl Transformer {
             encoder,
             decoder,
             generator_weight_t: generator_weight
-                .map(|w| w.reversed_axes().as_standard_layout().into_owned()),
+                .map(|w| huge_pages::standard_copy(w.t())),
             generator_bias,
             fingerprint: 0,
         };

@@ -1,0 +1,89 @@
+//! Large arrays on 2 MiB pages, where the operating system offers them.
+//!
+//! A decoding step reads every weight of the decoder once, front to back (154 MB for the
+//! paper's base model), and so does a short encoder pass. On 4 KiB pages every page of that
+//! stream needs its own address translation; on 2 MiB pages 512 times fewer. Measured on the
+//! 2-core machine of the README, summing 160 MB at 2 threads: 35 GB/s on 4 KiB pages, 46 GB/s on
+//! 2 MiB pages (64 MB: 43 → 54 GB/s; 1 GiB: 24 → 28 GB/s). Large outputs (the logits of a
+//! whole batch) also take 512 times fewer page faults on first write.
+//!
+//! On Linux the arrays made here start on a 2 MiB boundary and their memory is advised as
+//! huge pages (`madvise(MADV_HUGEPAGE)`, which transparent huge pages honour in their default
+//! `madvise` mode). Elsewhere, and for arrays under 2 MiB, they are ordinary arrays. Either
+//! way the values are the same; only the speed of reading them changes.
+
+use ndarray::{s, Array, Array1, ArrayView, Dimension};
+
+/// The page size asked for, and the smallest array that gets such pages: a smaller one would
+/// still take a whole page.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A zeroed array of `dim`, in standard layout, on huge pages when it is at least 2 MiB.
+pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
+    let len = dim.size();
+    let bytes = len * std::mem::size_of::<f32>();
+    if !cfg!(target_os = "linux") || bytes < HUGE_PAGE {
+        return Array::zeros(dim);
+    }
+    // Room to start on a page boundary and to end on one. The zeroed allocation of this size
+    // comes as fresh pages that are not touched until written, so the unused ends cost address
+    // space, not memory.
+    let slack = 2 * HUGE_PAGE / std::mem::size_of::<f32>();
+    let buffer = vec![0.0f32; len + slack];
+    let start = buffer.as_ptr() as usize;
+    let offset = (start.next_multiple_of(HUGE_PAGE) - start) / std::mem::size_of::<f32>();
+    advise_huge(
+        start + offset * std::mem::size_of::<f32>(),
+        bytes.next_multiple_of(HUGE_PAGE),
+    );
+    Array1::from(buffer)
+        .slice_move(s![offset..offset + len])
+        .into_shape_with_order(dim)
+        .expect("a contiguous run of dim.size() values")
+}
+
+/// A copy of `a` in standard layout, on huge pages when it is at least 2 MiB.
+pub(crate) fn standard_copy<D: Dimension>(a: ArrayView<f32, D>) -> Array<f32, D> {
+    let mut copy = zeros(a.raw_dim());
+    copy.assign(&a);
+    copy
+}
+
+/// Advises `len` bytes from `addr`, both multiples of [`HUGE_PAGE`], as huge pages. Advice
+/// only: a kernel without transparent huge pages refuses it, and nothing changes.
+#[cfg(target_os = "linux")]
+fn advise_huge(addr: usize, len: usize) {
+    // SAFETY: madvise with MADV_HUGEPAGE never reads, writes, maps or unmaps memory; it sets a
+    // flag on the mappings in the range. The range lies inside one live allocation (`zeros`
+    // allocates `len` plus two pages of slack and `addr` is within the first page of it).
+    let _ = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_addr: usize, _len: usize) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3};
+
+    #[test]
+    fn large_arrays_start_on_a_page_boundary_and_hold_the_values() {
+        let a = Array2::from_shape_fn((700, 1000), |(i, j)| (i * 1000 + j) as f32);
+        let copy = standard_copy(a.view());
+        assert_eq!(copy, a);
+        assert!(copy.is_standard_layout());
+        if cfg!(target_os = "linux") {
+            assert_eq!(copy.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        let transposed = standard_copy(a.t());
+        assert_eq!(transposed, a.t());
+        assert!(transposed.is_standard_layout());
+    }
+
+    #[test]
+    fn small_arrays_are_ordinary_zeros() {
+        let z: Array3<f32> = zeros(ndarray::Dim([2, 3, 4]));
+        assert_eq!(z, Array3::<f32>::zeros((2, 3, 4)));
+    }
+}
