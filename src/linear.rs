@@ -1,6 +1,9 @@
 //! The affine map `y = x Wᵀ + b` used by every projection of the model.
 
-use ndarray::{Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, Dimension, IxDyn};
+use ndarray::{
+    ArcArray2, Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, Axis, Dim, Dimension,
+    IxDyn,
+};
 use rand::Rng;
 
 use crate::error::{Error, Result};
@@ -25,8 +28,9 @@ use crate::{huge_pages, init, ops};
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Linear {
-    /// `Wᵀ`, `[in, out]`, standard layout.
-    weight_t: Array2<f32>,
+    /// `Wᵀ`, `[in, out]`, standard layout; possibly one part of a larger allocation shared with
+    /// sibling layers ([`pack_weights`]). Never written after construction.
+    weight_t: ArcArray2<f32>,
     bias: Option<Array1<f32>>,
 }
 
@@ -67,7 +71,7 @@ impl Linear {
 
     pub(crate) fn from_parts(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Self {
         debug_assert!(bias.as_ref().is_none_or(|b| b.len() == weight.nrows()));
-        let weight_t = huge_pages::standard_copy(weight.t());
+        let weight_t = huge_pages::standard_copy(weight.t()).into_shared();
         Linear { weight_t, bias }
     }
 
@@ -145,6 +149,27 @@ impl Linear {
     }
 }
 
+/// Moves the weights of `layers`, all of one shape, into one allocation: together they can be
+/// large enough for 2 MiB pages (`src/huge_pages.rs`) where each alone is not (the four
+/// `[512, 512]` projections of an attention layer are 1 MiB each). Values do not change.
+pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
+    let Some(first) = layers.first() else {
+        return;
+    };
+    let (rows, cols) = first.weight_t.dim();
+    if layers.iter().any(|l| l.weight_t.dim() != (rows, cols)) {
+        return;
+    }
+    let mut storage = huge_pages::zeros(Dim([layers.len(), rows, cols]));
+    for (mut slot, layer) in storage.outer_iter_mut().zip(layers.iter()) {
+        slot.assign(&layer.weight_t);
+    }
+    let storage = storage.into_shared();
+    for (i, layer) in layers.iter_mut().enumerate() {
+        layer.weight_t = storage.clone().index_axis_move(Axis(0), i);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +189,31 @@ mod tests {
         // A 1-D input is one row.
         let v = l.forward(array![1.0f32, 1.0].view()).unwrap();
         assert_eq!(v, array![3.0, 7.0]);
+    }
+
+    #[test]
+    fn packed_layers_keep_their_weights_and_outputs() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let layers: Vec<Linear> = (0..3)
+            .map(|_| Linear::init(600, 500, true, &mut rng))
+            .collect();
+        let mut packed = layers.clone();
+        let [a, b, c] = &mut packed[..] else {
+            unreachable!()
+        };
+        pack_weights(&mut [a, b, c]);
+        let x = Array2::from_shape_fn((5, 600), |(i, j)| ((i * 31 + j) % 17) as f32 * 0.1);
+        for (before, after) in layers.iter().zip(&packed) {
+            assert_eq!(after, before);
+            assert_eq!(after.forward_2d(x.view()), before.forward_2d(x.view()));
+        }
+        // One allocation, the layers one after the other.
+        let stride = 600 * 500;
+        let (p0, p2) = (packed[0].weight_t.as_ptr(), packed[2].weight_t.as_ptr());
+        assert_eq!(
+            p2 as usize - p0 as usize,
+            2 * stride * std::mem::size_of::<f32>()
+        );
     }
 
     #[test]

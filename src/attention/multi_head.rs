@@ -13,7 +13,7 @@ use super::scaled_dot_product::attend_into;
 use crate::config::validate_heads;
 use crate::error::{Error, Result};
 use crate::init;
-use crate::linear::Linear;
+use crate::linear::{pack_weights, Linear};
 use crate::mask::Mask;
 
 /// Q, K, V and output projections around h parallel scaled dot-product attentions.
@@ -49,10 +49,10 @@ impl MultiHeadAttention {
     /// [`Error::Config`] if `d_model` is not divisible by `num_heads`; [`Error::Shape`] if a
     /// projection is not `[d_model, d_model]`.
     pub fn new(
-        q_proj: Linear,
-        k_proj: Linear,
-        v_proj: Linear,
-        out_proj: Linear,
+        mut q_proj: Linear,
+        mut k_proj: Linear,
+        mut v_proj: Linear,
+        mut out_proj: Linear,
         num_heads: usize,
     ) -> Result<Self> {
         let d_model = q_proj.out_features();
@@ -71,6 +71,7 @@ impl MultiHeadAttention {
                 ));
             }
         }
+        pack_weights(&mut [&mut q_proj, &mut k_proj, &mut v_proj, &mut out_proj]);
         Ok(MultiHeadAttention {
             num_heads,
             q_proj,
