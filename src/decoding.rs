@@ -7,6 +7,7 @@
 
 use ndarray::{Array1, ArrayView2};
 
+use crate::attention::DecoderCache;
 use crate::error::{Error, Result};
 use crate::mask::KeyPaddingMask;
 use crate::ops;
@@ -114,25 +115,26 @@ impl Transformer {
         src_padding: Option<&KeyPaddingMask>,
         options: &GreedyOptions,
     ) -> Result<Vec<Vec<u32>>> {
-        // One warm pass for the whole generation: the steps and the choices between them.
-        ops::with_warm_pool(|| self.greedy_decode_in_pass(src, src_padding, options))
-    }
-
-    fn greedy_decode_in_pass(
-        &self,
-        src: ArrayView2<u32>,
-        src_padding: Option<&KeyPaddingMask>,
-        options: &GreedyOptions,
-    ) -> Result<Vec<Vec<u32>>> {
         self.check_token("bos_id", options.bos_id)?;
         if let Some(eos) = options.eos_id {
             self.check_token("eos_id", eos)?;
         }
         self.check_max_len(options.max_len)?;
         let memory = self.encode(src, src_padding)?;
-        let mut cache =
+        let cache =
             self.start_decoding_with_capacity(memory.view(), src_padding, options.max_len)?;
-        let batch = src.nrows();
+        // One warm pass for all the steps and the choices between them. (Not around the cache's
+        // start: its large fresh allocations measured slower from a pool thread.)
+        ops::with_warm_pool(|| self.greedy_steps(cache, src.nrows(), options))
+    }
+
+    /// The steps of [`greedy_decode`](Self::greedy_decode) from a fresh cache of `batch` rows.
+    fn greedy_steps(
+        &self,
+        mut cache: DecoderCache,
+        batch: usize,
+        options: &GreedyOptions,
+    ) -> Result<Vec<Vec<u32>>> {
         let mut outputs = vec![Vec::with_capacity(options.max_len); batch];
         // Batch rows still generating, in cache order.
         let mut active: Vec<usize> = (0..batch).collect();
@@ -179,15 +181,6 @@ impl Transformer {
     /// table, `num_return` 0 or above the beam size, a negative or non-finite α, or BOS/EOS
     /// outside the target vocabulary; the errors of [`encode`](Self::encode).
     pub fn beam_search(
-        &self,
-        src: ArrayView2<u32>,
-        src_padding: Option<&KeyPaddingMask>,
-        options: &BeamSearchOptions,
-    ) -> Result<Vec<Vec<Hypothesis>>> {
-        ops::with_warm_pool(|| self.beam_search_in_pass(src, src_padding, options))
-    }
-
-    fn beam_search_in_pass(
         &self,
         src: ArrayView2<u32>,
         src_padding: Option<&KeyPaddingMask>,
@@ -243,11 +236,23 @@ impl Transformer {
 
         let memory = self.encode(src, src_padding)?;
         let longest = max_lens.iter().copied().max().unwrap_or(0);
-        let mut cache = self.start_decoding_with_capacity(memory.view(), src_padding, longest)?;
-        let mut rows: Vec<RowSearch> = max_lens
+        let cache = self.start_decoding_with_capacity(memory.view(), src_padding, longest)?;
+        let rows: Vec<RowSearch> = max_lens
             .iter()
             .map(|&max_len| RowSearch::new(max_len))
             .collect();
+        // One warm pass for all the steps, as in greedy decoding.
+        ops::with_warm_pool(|| self.beam_steps(cache, rows, o))
+    }
+
+    /// The steps of [`beam_search`](Self::beam_search) from a fresh cache, one search per row.
+    fn beam_steps(
+        &self,
+        mut cache: DecoderCache,
+        mut rows: Vec<RowSearch>,
+        o: &BeamSearchOptions,
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        let batch = rows.len();
         // Cache slot → (batch row, beam index in that row).
         let mut slots: Vec<(usize, usize)> = (0..batch).map(|r| (r, 0)).collect();
         let mut last = Array1::from_elem(batch, o.bos_id);

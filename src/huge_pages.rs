@@ -12,7 +12,7 @@
 //! `madvise` mode). Elsewhere, and for arrays under 2 MiB, they are ordinary arrays. Either
 //! way the values are the same; only the speed of reading them changes.
 
-use ndarray::{s, Array, Array1, ArrayView, Dimension};
+use ndarray::{s, Array, Array1, ArrayView, Dimension, RemoveAxis, Zip};
 
 /// The page size asked for, and the smallest array that gets such pages: a smaller one would
 /// still take a whole page.
@@ -42,10 +42,18 @@ pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
         .expect("a contiguous run of dim.size() values")
 }
 
-/// A copy of `a` in standard layout, on huge pages when it is at least 2 MiB.
-pub(crate) fn standard_copy<D: Dimension>(a: ArrayView<f32, D>) -> Array<f32, D> {
+/// A copy of `a` in standard layout, on huge pages when it is at least 2 MiB; large copies
+/// are split over the threads along the first axis (a transposing copy is bound by its
+/// scattered reads, not by memory bandwidth).
+pub(crate) fn standard_copy<D: RemoveAxis>(a: ArrayView<f32, D>) -> Array<f32, D> {
     let mut copy = zeros(a.raw_dim());
-    copy.assign(&a);
+    if a.len() * std::mem::size_of::<f32>() >= HUGE_PAGE && a.ndim() > 1 && a.shape()[0] > 1 {
+        Zip::from(copy.outer_iter_mut())
+            .and(a.outer_iter())
+            .par_for_each(|mut c, a| c.assign(&a));
+    } else {
+        copy.assign(&a);
+    }
     copy
 }
 

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::mask::{KeyPaddingMask, Mask};
-use crate::{huge_pages, ops};
 use crate::positional::PositionalEncoding;
+use crate::{huge_pages, ops};
 
 /// The Transformer: token ids in, next-token logits out.
 ///
@@ -132,8 +132,7 @@ impl Transformer {
             input,
             encoder,
             decoder,
-            generator_weight_t: generator_weight
-                .map(|w| huge_pages::standard_copy(w.t())),
+            generator_weight_t: generator_weight.map(|w| huge_pages::standard_copy(w.t())),
             generator_bias,
             fingerprint: 0,
         };
