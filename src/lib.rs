@@ -60,7 +60,7 @@
 //! the row-wise kernels — runs on the current [rayon](https://docs.rs/rayon) pool, one level at
 //! a time (a product inside the per-head loop runs on its own thread), so the threads never
 //! oversubscribe the cores. During a pass (an encoder or decoder stack, a decoding step, a
-//! greedy or beam search) the pool's idle threads poll for the pass's next loop instead of
+//! greedy or beam search's steps) the pool's idle threads poll for the pass's next loop instead of
 //! sleeping between loops, and stop when it ends. Choose the count with the `RAYON_NUM_THREADS`
 //! environment variable, or run the model inside your own pool:
 //!
