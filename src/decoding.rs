@@ -125,16 +125,16 @@ impl Transformer {
             self.start_decoding_with_capacity(memory.view(), src_padding, options.max_len)?;
         // One warm pass for all the steps and the choices between them. (Not around the cache's
         // start: its large fresh allocations measured slower from a pool thread.)
-        ops::with_warm_pool(|| self.greedy_steps(cache, src.nrows(), options))
+        ops::with_warm_pool(|| self.greedy_steps(cache, options))
     }
 
-    /// The steps of [`greedy_decode`](Self::greedy_decode) from a fresh cache of `batch` rows.
+    /// The steps of [`greedy_decode`](Self::greedy_decode) from a fresh cache.
     fn greedy_steps(
         &self,
         mut cache: DecoderCache,
-        batch: usize,
         options: &GreedyOptions,
     ) -> Result<Vec<Vec<u32>>> {
+        let batch = cache.batch();
         let mut outputs = vec![Vec::with_capacity(options.max_len); batch];
         // Batch rows still generating, in cache order.
         let mut active: Vec<usize> = (0..batch).collect();
