@@ -10,7 +10,6 @@ use ndarray::{Array3, Array4, ArrayView3};
 use rand::Rng;
 
 use crate::attention::cache::{KeyValueCache, LayerCache};
-use crate::attention::multi_head::heads;
 use crate::attention::MultiHeadAttention;
 use crate::config::{NormPosition, TransformerConfig};
 use crate::encoder::{check_input, check_widths, stack_width};
@@ -193,15 +192,13 @@ impl DecoderLayer {
             let q = a.split_heads(h, &a.q_proj);
             let (k, v) = (a.split_heads(h, &a.k_proj), a.split_heads(h, &a.v_proj));
             cache.self_attn.append(k.view(), v.view());
-            let (k, v) = cache.self_attn.heads();
             // The new queries sit at the end of the cached keys: causal, bottom-right aligned.
-            a.attend(heads(&q), k, v, &Mask::causal(), None)
+            a.attend_cached(&q, &cache.self_attn, &Mask::causal())
         });
         let x = residual(x, &self.cross_attn_norm, p, |h| {
             let a = &self.cross_attn;
             let q = a.split_heads(h, &a.q_proj);
-            let (k, v) = cache.cross_attn.heads();
-            a.attend(heads(&q), k, v, cross_mask, None)
+            a.attend_cached(&q, &cache.cross_attn, cross_mask)
         });
         residual(x, &self.ffn_norm, p, |h| {
             self.feed_forward.forward_unchecked(h)

@@ -624,6 +624,45 @@ fn axpy_slices(s: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// One query's scores against keys stored transposed, `keys_t` `[d_k][stride]` with the keys
+/// along each row: `scores[j] = Σ_d (scale · q[d]) · keys_t[d·stride + j]` for
+/// `j < scores.len()`, summed over `d` in order and skipping zero entries of `q`, the arithmetic
+/// [`matmul_into`] does for `q Kᵀ` on that layout.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn query_scores(
+    q: &[f32],
+    scale: f32,
+    keys_t: &[f32],
+    stride: usize,
+    scores: &mut [f32],
+) {
+    scores.fill(0.0);
+    let len = scores.len();
+    for (&q_d, keys) in q.iter().zip(keys_t.chunks(stride)) {
+        if q_d != 0.0 {
+            let s = scale * q_d;
+            for (score, &key) in scores.iter_mut().zip(&keys[..len]) {
+                *score += s * key;
+            }
+        }
+    }
+}
+
+/// `out = Σ_j w[j] · rows[j]` for rows of `out.len()` values laid end to end in `rows` (one
+/// query's attention output from its weights and the values), in order of `j` and skipping
+/// zero weights, as [`matmul_into`] does for `w V`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn weighted_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (&w_j, row) in w.iter().zip(rows.chunks_exact(out.len())) {
+        if w_j != 0.0 {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o += w_j * x;
+            }
+        }
+    }
+}
+
 /// `x · y` with [`LANES`] partial sums when both are contiguous.
 fn dot(x: ArrayView1<f32>, y: ArrayView1<f32>) -> f32 {
     match (x.as_slice(), y.as_slice()) {

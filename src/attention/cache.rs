@@ -93,6 +93,13 @@ impl KeyValueCache {
         )
     }
 
+    /// The storage itself, keys `[batch, num_heads, d_k, capacity]` and values
+    /// `[batch, num_heads, capacity, d_k]`, both in standard layout, and how many positions of
+    /// it are filled.
+    pub(crate) fn storage(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>, usize) {
+        (self.keys_t.view(), self.values.view(), self.len)
+    }
+
     /// Forgets every position from `len` on (the storage stays for reuse).
     fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -9,7 +9,8 @@ use ndarray::{s, Array3, Array4, ArrayView3, ArrayView4, Axis, Ix4};
 use rand::Rng;
 use rayon::prelude::*;
 
-use super::scaled_dot_product::attend_into;
+use super::cache::KeyValueCache;
+use super::scaled_dot_product::{attend_into, attend_one_query};
 use crate::config::validate_heads;
 use crate::error::{Error, Result};
 use crate::init;
@@ -259,6 +260,39 @@ impl MultiHeadAttention {
         self.out_proj
             .forward_2d(flat.view())
             .into_shape_with_order((b, tgt_len, self.d_model()))
+            .expect("same element count")
+    }
+
+    /// Runs the heads of the newest positions' queries `q` `[batch, new, num_heads, d_k]`
+    /// against a key/value cache, and the output projection (a decoding step); returns
+    /// `[batch, new, d_model]`. The new positions sit at the end of the cached ones.
+    pub(crate) fn attend_cached(
+        &self,
+        q: &Array4<f32>,
+        cache: &KeyValueCache,
+        mask: &Mask,
+    ) -> Array3<f32> {
+        let (b, new, _, d_k) = q.dim();
+        if new != 1 {
+            let (k, v) = cache.heads();
+            return self.attend(heads(q), k, v, mask, None);
+        }
+        let mut concat = Array4::<f32>::zeros((b, 1, self.num_heads, d_k));
+        let (keys_t, values, len) = cache.storage();
+        attend_one_query(
+            q.index_axis(Axis(1), 0),
+            keys_t,
+            values,
+            len,
+            mask,
+            concat.index_axis_mut(Axis(1), 0),
+        );
+        let flat = concat
+            .into_shape_with_order((b, self.d_model()))
+            .expect("contiguous");
+        self.out_proj
+            .forward_2d(flat.view())
+            .into_shape_with_order((b, 1, self.d_model()))
             .expect("same element count")
     }
 
