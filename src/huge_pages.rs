@@ -12,6 +12,8 @@
 //! `madvise` mode). Elsewhere, and for arrays under 2 MiB, they are ordinary arrays. Either
 //! way the values are the same; only the speed of reading them changes.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{s, Array, Array1, ArrayView, Dimension, RemoveAxis, Zip};
 
 /// The page size asked for, and the smallest array that gets such pages: a smaller one would
@@ -30,6 +32,31 @@ pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
     // space, not memory.
     let slack = 2 * HUGE_PAGE / std::mem::size_of::<f32>();
     let buffer = vec![0.0f32; len + slack];
+    let start = buffer.as_ptr() as usize;
+    let offset = (start.next_multiple_of(HUGE_PAGE) - start) / std::mem::size_of::<f32>();
+    advise_huge(
+        start + offset * std::mem::size_of::<f32>(),
+        bytes.next_multiple_of(HUGE_PAGE),
+    );
+    Array1::from(buffer)
+        .slice_move(s![offset..offset + len])
+        .into_shape_with_order(dim)
+        .expect("a contiguous run of dim.size() values")
+}
+
+/// An uninitialised array of `dim`, in standard layout, on huge pages when it is at least
+/// 2 MiB: for outputs that are written whole before they are read, so that no pass zeroes or
+/// fills them first (the pages are first touched by the writes themselves).
+pub(crate) fn uninit<D: Dimension>(dim: D) -> Array<MaybeUninit<f32>, D> {
+    let len = dim.size();
+    let bytes = len * std::mem::size_of::<f32>();
+    if !cfg!(target_os = "linux") || bytes < HUGE_PAGE {
+        return Array::uninit(dim);
+    }
+    let slack = 2 * HUGE_PAGE / std::mem::size_of::<f32>();
+    let mut buffer = Vec::with_capacity(len + slack);
+    // Uninitialised values: this writes nothing.
+    buffer.resize(len + slack, MaybeUninit::<f32>::uninit());
     let start = buffer.as_ptr() as usize;
     let offset = (start.next_multiple_of(HUGE_PAGE) - start) / std::mem::size_of::<f32>();
     advise_huge(
@@ -62,8 +89,8 @@ pub(crate) fn standard_copy<D: RemoveAxis>(a: ArrayView<f32, D>) -> Array<f32, D
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     // SAFETY: madvise with MADV_HUGEPAGE never reads, writes, maps or unmaps memory; it sets a
-    // flag on the mappings in the range. The range lies inside one live allocation (`zeros`
-    // allocates `len` plus two pages of slack and `addr` is within the first page of it).
+    // flag on the mappings in the range. The range lies inside one live allocation (`zeros` and
+    // `uninit` allocate `len` plus two pages of slack and `addr` is within the first page of it).
     let _ = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
 }
 

@@ -32,13 +32,17 @@ pub(crate) fn matmul_into(
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
 ) {
-    let work = a.nrows() * a.ncols() * b.ncols();
-    let threads = if work >= PARALLEL_MIN_WORK {
+    gemm_into(a, b, alpha, beta, c, threads_for(a, b));
+}
+
+/// The threads a product of `a` and `b` is spread over: all of the pool's, unless it is too
+/// small to be worth splitting.
+fn threads_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> usize {
+    if a.nrows() * a.ncols() * b.ncols() >= PARALLEL_MIN_WORK {
         rayon::current_num_threads()
     } else {
         1
-    };
-    gemm_into(a, b, alpha, beta, c, threads);
+    }
 }
 
 /// As [`matmul_into`], on the calling thread only: for products that are themselves run in
@@ -148,28 +152,46 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    // The kernel is chosen by the shapes and the CPU alone, never by the thread count, so that
-    // a pool of any size computes the same sums in the same order (bit-identical results).
+    match kernel_for(a, b) {
+        Kernel::FewRows => few_rows_product(a, b, alpha, beta, c),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Tile(simd) => tile_product(simd, a, b, alpha, beta, c, threads),
+        Kernel::Streaming => streaming_product(a, b, alpha, beta, c, threads),
+        Kernel::Short => short_product(a, b, alpha, beta, c, threads),
+        Kernel::Blocked => blocked_product(a, b, alpha, beta, c, threads),
+    }
+}
+
+/// The kernels a product can take.
+enum Kernel {
+    FewRows,
+    #[cfg(target_arch = "x86_64")]
+    Tile(pulp::x86::V4),
+    Streaming,
+    Short,
+    Blocked,
+}
+
+/// The kernel for `a · b`, chosen by the shapes and the CPU alone, never by the thread count,
+/// so that a pool of any size computes the same sums in the same order (bit-identical results).
+fn kernel_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Kernel {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
     if m <= FEW_ROWS && k * n <= FEW_ROWS_MAX_WORK {
-        few_rows_product(a, b, alpha, beta, c);
-        return;
+        return Kernel::FewRows;
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V4::try_new() {
         if TILE_ROWS.contains(&m) && b.is_standard_layout() {
-            tile_product(simd, a, b, alpha, beta, c, threads);
-            return;
+            return Kernel::Tile(simd);
         }
     }
     if m <= STREAM_ROWS && b.strides()[1] == 1 && b.nrows() > 1 {
-        streaming_product(a, b, alpha, beta, c, threads);
-        return;
+        return Kernel::Streaming;
     }
     if SHORT_ROWS.contains(&m) {
-        short_product(a, b, alpha, beta, c, threads);
-        return;
+        return Kernel::Short;
     }
-    blocked_product(a, b, alpha, beta, c, threads);
+    Kernel::Blocked
 }
 
 /// Products with this many rows (a short sequence) that [`tile_product`] does not take (no
@@ -214,11 +236,61 @@ fn blocked_product(
     c: &mut ArrayViewMut2<f32>,
     threads: usize,
 ) {
+    // Checked here, not only by the callers: the unsafe call below relies on them.
+    assert_eq!(b.nrows(), a.ncols(), "inner dimensions agree");
+    assert_eq!(c.dim(), (a.nrows(), b.ncols()), "output is [m, n]");
+    let strides = [c.strides()[0], c.strides()[1]];
+    // SAFETY: `c` is a live mutable view of [m, n] initialised f32s with these strides (the
+    // asserts), so it is valid for the reads (beta ≠ 0) and writes `gemm_raw` makes, and no
+    // other reference reaches its elements while the call runs.
+    unsafe { gemm_raw(a, b, alpha, beta, c.as_mut_ptr(), strides, threads) }
+}
+
+/// `a · b` in a new array, computed by the blocked kernel into fresh memory that is written
+/// once, never zeroed or filled first (large outputs start on huge pages, [`huge_pages`]).
+fn blocked_product_fresh(a: ArrayView2<f32>, b: ArrayView2<f32>, threads: usize) -> Array2<f32> {
+    assert_eq!(b.nrows(), a.ncols(), "inner dimensions agree");
+    let (m, n) = (a.nrows(), b.ncols());
+    let mut c = huge_pages::uninit(Dim([m, n]));
+    let strides = [c.strides()[0], c.strides()[1]];
+    // SAFETY: `c` is a new standard-layout [m, n] allocation that nothing else references,
+    // valid for writes at these strides (`MaybeUninit<f32>` has the layout of `f32`). With
+    // beta = 0, `gemm_raw` reads none of `c` and writes every element of it: the product's
+    // sum, or zero when k = 0 (see the unit test `blocked_kernel_with_empty_inner_dimension_
+    // scales_c`). So every element is initialised before `assume_init`.
+    unsafe {
+        gemm_raw(
+            a,
+            b,
+            1.0,
+            0.0,
+            c.as_mut_ptr().cast::<f32>(),
+            strides,
+            threads,
+        );
+        c.assume_init()
+    }
+}
+
+/// `c = alpha · a · b + beta · c` through `gemm::gemm`, for `c` given as a pointer to its first
+/// element and its row and column strides (in elements); with `beta == 0` `c` is only written.
+///
+/// # Safety
+/// `c` must point to an `[a.nrows(), b.ncols()]` array with these strides, valid for writes,
+/// and for reads of initialised `f32`s when `beta ≠ 0`; no other reference may access its
+/// elements during the call, and distinct indices must address distinct elements.
+unsafe fn gemm_raw(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    c: *mut f32,
+    [c_rs, c_cs]: [isize; 2],
+    threads: usize,
+) {
     let (m, k) = a.dim();
     let n = b.ncols();
-    // Checked here, not only by the callers: the unsafe call below relies on them.
     assert_eq!(b.nrows(), k, "inner dimensions agree");
-    assert_eq!(c.dim(), (m, n), "output is [m, n]");
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -226,27 +298,27 @@ fn blocked_product(
     };
     let [a_rs, a_cs] = [a.strides()[0], a.strides()[1]];
     let [b_rs, b_cs] = [b.strides()[0], b.strides()[1]];
-    let [c_rs, c_cs] = [c.strides()[0], c.strides()[1]];
     // SAFETY: `gemm::gemm` computes `dst := alpha·dst + beta·lhs·rhs` (alpha and beta swapped
     // from BLAS's), reading dst only when `read_dst`, over m × n × k elements addressed as
     // `ptr + row·rs + col·cs`.
-    // - In bounds: the pointers and element strides are those of live ndarray views, and the
-    //   asserts above make their shapes [m, k], [k, n] and [m, n]. Negative strides are fine
-    //   (gemm flips them first), and so are zero strides of `a` and `b` (broadcast reads).
-    //   m = 0 or n = 0 returns before any access; k = 0 reads neither `a` nor `b`, whose
-    //   pointers may then dangle, and only zeroes or scales `c` (gemm-common 0.19,
+    // - In bounds: `a` and `b` are live ndarray views, of shapes [m, k] and [k, n] (asserted),
+    //   and the caller guarantees `c` is an [m, n] array with strides `c_rs`, `c_cs`. Negative
+    //   strides are fine (gemm flips them first), and so are zero strides of `a` and `b`
+    //   (broadcast reads). m = 0 or n = 0 makes no access; k = 0 reads neither `a` nor `b`,
+    //   whose pointers may then dangle, and only zeroes or scales `c` (gemm-common 0.19,
     //   `gemm_basic_generic`).
-    // - No aliasing: `c` is a mutable view, so its elements are distinct from one another and
-    //   from those of `a` and `b`, which are only read. With `Parallelism::Rayon` the threads
-    //   write disjoint blocks of `c`, and gemm returns when they are done, while the three
-    //   borrows are still live.
-    // - `c` holds initialised f32s, so reading it (beta ≠ 0) is defined.
+    // - No aliasing: the caller guarantees `c`'s elements are distinct and reached by no other
+    //   reference, so they are disjoint from `a`'s and `b`'s, which are only read. With
+    //   `Parallelism::Rayon` the threads write disjoint blocks of `c`, and gemm returns when
+    //   they are done, while the borrows of `a` and `b` are still live.
+    // - `c` is read only when `beta ≠ 0`, and then holds initialised f32s (the caller's
+    //   guarantee).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             c_cs,
             c_rs,
             beta != 0.0,
@@ -713,6 +785,20 @@ pub(crate) fn linear(
     epilogue: Epilogue,
 ) -> Array2<f32> {
     let (rows, out) = (x.nrows(), w.nrows());
+    if matches!(kernel_for(x, w.t()), Kernel::Blocked) && rows * out > 0 {
+        // The product is written once into fresh memory, and the bias and activation added in
+        // one pass over it by all threads.
+        let mut y = blocked_product_fresh(x, w.t(), threads_for(x, w.t()));
+        if let Some(b) = bias {
+            y.axis_iter_mut(Axis(0))
+                .into_par_iter()
+                .with_min_len(16)
+                .for_each(|row| with_slice(row, |row| add_bias_activate(row, b, epilogue)));
+        } else if epilogue != Epilogue::Bias {
+            activate_rows(&mut y, epilogue);
+        }
+        return y;
+    }
     let mut y = match bias {
         // Large outputs (logits) come as fresh zeroed huge pages and are filled by all threads.
         Some(b) if rows * out >= PARALLEL_FILL => {
@@ -751,6 +837,22 @@ fn activate_rows(y: &mut Array2<f32>, epilogue: Epilogue) {
         .into_par_iter()
         .with_min_len(16)
         .for_each(|row| with_slice(row, |row| activate(row, epilogue)));
+}
+
+/// `row = epilogue(row + bias)`: the bias added to the product's sum, then the activation.
+fn add_bias_activate(row: &mut [f32], bias: ArrayView1<f32>, epilogue: Epilogue) {
+    match bias.as_slice() {
+        Some(bias) => add_bias(row, bias),
+        None => row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b),
+    }
+    activate(row, epilogue);
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn add_bias(row: &mut [f32], bias: &[f32]) {
+    for (v, &b) in row.iter_mut().zip(bias) {
+        *v += b;
+    }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
@@ -1115,6 +1217,37 @@ mod tests {
                 assert_abs_diff_eq!(y[[r, o]], expect, epsilon = 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn batch_linear_layers_written_into_fresh_memory_match_the_filled_path() {
+        // 300 rows take the blocked kernel's fresh-output path; the reference fills the bias
+        // first and adds the product (beta = 1), the path of fewer rows. Same floats expected.
+        // 300 × 2000 values (2.4 MB) also put the output on huge pages.
+        let x = Array2::from_shape_fn((300, 40), |(i, j)| {
+            ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5
+        });
+        let w = Array2::from_shape_fn((2000, 40), |(o, i)| ((o * 5 + i) % 13) as f32 * 0.05 - 0.3);
+        let b = Array1::from_shape_fn(2000, |o| (o % 7) as f32 * 0.25 - 0.75);
+        for epilogue in [Epilogue::Bias, Epilogue::BiasRelu, Epilogue::BiasGelu] {
+            let y = linear(x.view(), w.view(), Some(b.view()), epilogue);
+            let mut expected = Array2::from_shape_fn((300, 2000), |(_, o)| b[o]);
+            blocked_product(x.view(), w.t(), 1.0, 1.0, &mut expected.view_mut(), 2);
+            activate_rows(&mut expected, epilogue);
+            assert_eq!(y, expected, "{epilogue:?}");
+            assert!(y.is_standard_layout());
+        }
+        let no_bias = linear(x.view(), w.view(), None, Epilogue::Bias);
+        let mut expected = Array2::zeros((300, 2000));
+        blocked_product(x.view(), w.t(), 1.0, 0.0, &mut expected.view_mut(), 1);
+        assert_eq!(no_bias, expected);
+        let empty = linear(
+            Array2::zeros((300, 0)).view(),
+            Array2::zeros((5, 0)).view(),
+            None,
+            Epilogue::Bias,
+        );
+        assert_eq!(empty, Array2::<f32>::zeros((300, 5)), "k = 0 writes zeros");
     }
 
     #[test]
