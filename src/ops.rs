@@ -247,11 +247,17 @@ fn blocked_product(
 }
 
 /// `a · b` in a new array, computed by the blocked kernel into fresh memory that is written
-/// once, never zeroed or filled first (large outputs start on huge pages, [`huge_pages`]).
+/// once, never zeroed or filled first (the largest outputs on huge pages, [`huge_pages`]).
 fn blocked_product_fresh(a: ArrayView2<f32>, b: ArrayView2<f32>, threads: usize) -> Array2<f32> {
     assert_eq!(b.nrows(), a.ncols(), "inner dimensions agree");
     let (m, n) = (a.nrows(), b.ncols());
-    let mut c = huge_pages::uninit(Dim([m, n]));
+    // The largest outputs (the logits) on huge pages; a layer's activations as the allocator
+    // gives them, which reuses freed memory (huge pages there measured slower in generation).
+    let mut c = if m * n >= PARALLEL_FILL {
+        huge_pages::uninit(Dim([m, n]))
+    } else {
+        Array2::uninit((m, n))
+    };
     let strides = [c.strides()[0], c.strides()[1]];
     // SAFETY: `c` is a new standard-layout [m, n] allocation that nothing else references,
     // valid for writes at these strides (`MaybeUninit<f32>` has the layout of `f32`). With
@@ -1223,7 +1229,6 @@ mod tests {
     fn batch_linear_layers_written_into_fresh_memory_match_the_filled_path() {
         // 300 rows take the blocked kernel's fresh-output path; the reference fills the bias
         // first and adds the product (beta = 1), the path of fewer rows. Same floats expected.
-        // 300 × 2000 values (2.4 MB) also put the output on huge pages.
         let x = Array2::from_shape_fn((300, 40), |(i, j)| {
             ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5
         });
