@@ -22,47 +22,33 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// A zeroed array of `dim`, in standard layout, on huge pages when it is at least 2 MiB.
 pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
-    let len = dim.size();
-    let bytes = len * std::mem::size_of::<f32>();
-    if !cfg!(target_os = "linux") || bytes < HUGE_PAGE {
-        return Array::zeros(dim);
-    }
-    // Room to start on a page boundary and to end on one. The zeroed allocation of this size
-    // comes as fresh pages that are not touched until written, so the unused ends cost address
-    // space, not memory.
-    let slack = 2 * HUGE_PAGE / std::mem::size_of::<f32>();
-    let buffer = vec![0.0f32; len + slack];
-    let start = buffer.as_ptr() as usize;
-    let offset = (start.next_multiple_of(HUGE_PAGE) - start) / std::mem::size_of::<f32>();
-    advise_huge(
-        start + offset * std::mem::size_of::<f32>(),
-        bytes.next_multiple_of(HUGE_PAGE),
-    );
-    Array1::from(buffer)
-        .slice_move(s![offset..offset + len])
-        .into_shape_with_order(dim)
-        .expect("a contiguous run of dim.size() values")
+    // A zeroed allocation of this size comes as fresh pages, untouched until written.
+    on_pages(dim, |len| vec![0.0; len])
 }
 
 /// An uninitialised array of `dim`, in standard layout, on huge pages when it is at least
 /// 2 MiB: for outputs that are written whole before they are read, so that no pass zeroes or
 /// fills them first (the pages are first touched by the writes themselves).
 pub(crate) fn uninit<D: Dimension>(dim: D) -> Array<MaybeUninit<f32>, D> {
+    // Nothing written: a `vec!` of uninitialised values measured as a pass over them.
+    on_pages(dim, |len| Box::<[f32]>::new_uninit_slice(len).into_vec())
+}
+
+/// An array of `dim` in a buffer from `buffer(len)`, in standard layout, on huge pages when it
+/// is at least 2 MiB.
+fn on_pages<T, D: Dimension>(dim: D, buffer: impl FnOnce(usize) -> Vec<T>) -> Array<T, D> {
     let len = dim.size();
-    let bytes = len * std::mem::size_of::<f32>();
+    let size = std::mem::size_of::<T>();
+    let bytes = len * size;
     if !cfg!(target_os = "linux") || bytes < HUGE_PAGE {
-        return Array::uninit(dim);
+        return Array::from_shape_vec(dim, buffer(len)).expect("dim.size() values");
     }
-    let slack = 2 * HUGE_PAGE / std::mem::size_of::<f32>();
-    let mut buffer = Vec::with_capacity(len + slack);
-    // Uninitialised values: this writes nothing.
-    buffer.resize(len + slack, MaybeUninit::<f32>::uninit());
+    // Room to start on a page boundary and to end on one; the unused ends cost address space,
+    // not memory, as long as nothing writes them.
+    let buffer = buffer(len + 2 * HUGE_PAGE / size);
     let start = buffer.as_ptr() as usize;
-    let offset = (start.next_multiple_of(HUGE_PAGE) - start) / std::mem::size_of::<f32>();
-    advise_huge(
-        start + offset * std::mem::size_of::<f32>(),
-        bytes.next_multiple_of(HUGE_PAGE),
-    );
+    let offset = (start.next_multiple_of(HUGE_PAGE) - start) / size;
+    advise_huge(start + offset * size, bytes.next_multiple_of(HUGE_PAGE));
     Array1::from(buffer)
         .slice_move(s![offset..offset + len])
         .into_shape_with_order(dim)
@@ -89,8 +75,8 @@ pub(crate) fn standard_copy<D: RemoveAxis>(a: ArrayView<f32, D>) -> Array<f32, D
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     // SAFETY: madvise with MADV_HUGEPAGE never reads, writes, maps or unmaps memory; it sets a
-    // flag on the mappings in the range. The range lies inside one live allocation (`zeros` and
-    // `uninit` allocate `len` plus two pages of slack and `addr` is within the first page of it).
+    // flag on the mappings in the range. The range lies inside one live allocation (`on_pages`
+    // allocates `len` plus two pages of slack and `addr` is within the first page of it).
     let _ = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
 }
 
