@@ -254,12 +254,19 @@ impl MultiHeadAttention {
         let mut concat = Array4::<f32>::zeros((b, tgt_len, self.num_heads, d_k));
         let concat_heads = concat.view_mut().permuted_axes([0, 2, 1, 3]);
         attend_into(q, k, v, mask, concat_heads, weights.map(|w| w.view_mut()));
+        self.project_heads(concat)
+    }
+
+    /// The output projection `Concat(head_1..head_h) W^O` of heads laid out
+    /// `[batch, len, num_heads, d_k]`; returns `[batch, len, d_model]`.
+    fn project_heads(&self, concat: Array4<f32>) -> Array3<f32> {
+        let (b, len, _, _) = concat.dim();
         let flat = concat
-            .into_shape_with_order((b * tgt_len, self.d_model()))
+            .into_shape_with_order((b * len, self.d_model()))
             .expect("contiguous");
         self.out_proj
             .forward_2d(flat.view())
-            .into_shape_with_order((b, tgt_len, self.d_model()))
+            .into_shape_with_order((b, len, self.d_model()))
             .expect("same element count")
     }
 
@@ -287,13 +294,7 @@ impl MultiHeadAttention {
             mask,
             concat.index_axis_mut(Axis(1), 0),
         );
-        let flat = concat
-            .into_shape_with_order((b, self.d_model()))
-            .expect("contiguous");
-        self.out_proj
-            .forward_2d(flat.view())
-            .into_shape_with_order((b, 1, self.d_model()))
-            .expect("same element count")
+        self.project_heads(concat)
     }
 
     fn check(
