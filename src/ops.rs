@@ -806,7 +806,8 @@ pub(crate) fn linear(
         return y;
     }
     let mut y = match bias {
-        // Large outputs (logits) come as fresh zeroed huge pages and are filled by all threads.
+        // Large outputs of few rows (a wide vocabulary's logits in a step) come as fresh zeroed
+        // huge pages and are filled by all threads.
         Some(b) if rows * out >= PARALLEL_FILL => {
             let mut y = huge_pages::zeros(Dim([rows, out]));
             y.axis_iter_mut(Axis(0))
@@ -833,7 +834,8 @@ pub(crate) fn linear(
     y
 }
 
-/// Outputs of at least this many values get their bias written by all threads.
+/// Outputs of at least this many values lie on huge pages and, when they start as the bias,
+/// get it written by all threads.
 const PARALLEL_FILL: usize = 1 << 22;
 
 /// The epilogue's activation on every row of `y`, which already holds `x · wᵀ + b`; rows in
