@@ -4,7 +4,7 @@
 //! eps added to the variance, exactly as PyTorch's `nn.LayerNorm` (not to the standard
 //! deviation, as some tutorials write it).
 
-use ndarray::{Array, Array1, ArrayView, ArrayView1, ArrayViewMut2, Dimension};
+use ndarray::{Array, Array1, ArrayView, ArrayView1, ArrayView2, ArrayViewMut2, Dimension};
 
 use crate::config::validate_eps;
 use crate::error::{Error, Result};
@@ -102,6 +102,11 @@ impl LayerNorm {
     /// Normalises each row of `[rows, d_model]` in place.
     pub(crate) fn forward_inplace(&self, x: ArrayViewMut2<f32>) {
         ops::layer_norm_rows_inplace(x, self.gamma.view(), self.beta.view(), self.eps);
+    }
+
+    /// `x = LayerNorm(x + y)` on rows `[rows, d_model]`: a post-LN residual connection (§5.4).
+    pub(crate) fn add_forward_inplace(&self, x: ArrayViewMut2<f32>, y: ArrayView2<f32>) {
+        ops::add_layer_norm_rows_inplace(x, y, self.gamma.view(), self.beta.view(), self.eps);
     }
 }
 

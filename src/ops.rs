@@ -849,17 +849,14 @@ fn activate_rows(y: &mut Array2<f32>, epilogue: Epilogue) {
 
 /// `row = epilogue(row + bias)`: the bias added to the product's sum, then the activation.
 fn add_bias_activate(row: &mut [f32], bias: ArrayView1<f32>, epilogue: Epilogue) {
-    match bias.as_slice() {
-        Some(bias) => add_bias(row, bias),
-        None => row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b),
-    }
+    add_row(row, bias);
     activate(row, epilogue);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn add_bias(row: &mut [f32], bias: &[f32]) {
-    for (v, &b) in row.iter_mut().zip(bias) {
-        *v += b;
+fn add_slice(row: &mut [f32], y: &[f32]) {
+    for (v, &y) in row.iter_mut().zip(y) {
+        *v += y;
     }
 }
 
@@ -914,6 +911,46 @@ pub(crate) fn layer_norm_rows_inplace(
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+/// `x = LayerNorm(x + y)` on every row of `x` `[rows, d]`, `y` `[rows, d]`: a residual
+/// connection and its norm (§5.4) in one pass, rows spread over the threads. The same floats as
+/// adding first and normalising after.
+pub(crate) fn add_layer_norm_rows_inplace(
+    mut x: ArrayViewMut2<f32>,
+    y: ArrayView2<f32>,
+    gamma: ArrayView1<f32>,
+    beta: ArrayView1<f32>,
+    eps: f32,
+) {
+    let (gamma, beta) = (gamma.to_vec(), beta.to_vec());
+    x.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(y.axis_iter(Axis(0)))
+        .with_min_len(16)
+        .for_each(|(row, y)| {
+            with_slice(row, |row| {
+                add_row(row, y);
+                layer_norm_slice(row, &gamma, &beta, eps)
+            })
+        });
+}
+
+/// `x += y` for `x`, `y` `[rows, d]`, rows spread over the threads (a pre-LN residual).
+pub(crate) fn add_rows_inplace(mut x: ArrayViewMut2<f32>, y: ArrayView2<f32>) {
+    x.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(y.axis_iter(Axis(0)))
+        .with_min_len(16)
+        .for_each(|(row, y)| with_slice(row, |row| add_row(row, y)));
+}
+
+/// `row += y`.
+fn add_row(row: &mut [f32], y: ArrayView1<f32>) {
+    match y.as_slice() {
+        Some(y) => add_slice(row, y),
+        None => row.iter_mut().zip(y).for_each(|(v, &y)| *v += y),
+    }
+}
+
 fn layer_norm_slice(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let n = row.len() as f32;
     let mean = sum_lanes_map(row, |v| v) / n;
@@ -1156,6 +1193,24 @@ mod tests {
     use super::*;
     use approx::assert_abs_diff_eq;
     use ndarray::{array, s, Array1, Array2};
+
+    #[test]
+    fn residual_add_and_norm_in_one_pass_equals_add_then_norm() {
+        let x = Array2::from_shape_fn((40, 24), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.3 - 1.0);
+        // A transposed copy: `y` as a strided view, its rows not contiguous.
+        let y_t = Array2::from_shape_fn((24, 40), |(j, i)| ((i * 5 + j) % 13) as f32 * 0.2);
+        let y = y_t.t();
+        let gamma = Array1::from_shape_fn(24, |j| 1.0 + j as f32 * 0.01);
+        let beta = Array1::from_shape_fn(24, |j| j as f32 * -0.02);
+        let mut expected = &x + &y;
+        layer_norm_rows_inplace(expected.view_mut(), gamma.view(), beta.view(), 1e-5);
+        let mut fused = x.clone();
+        add_layer_norm_rows_inplace(fused.view_mut(), y, gamma.view(), beta.view(), 1e-5);
+        assert_eq!(fused, expected);
+        let mut added = x.clone();
+        add_rows_inplace(added.view_mut(), y);
+        assert_eq!(added, &x + &y);
+    }
 
     #[test]
     fn softmax_rows_sum_to_one() {
