@@ -101,12 +101,12 @@ impl LayerNorm {
 
     /// Normalises each row of `[rows, d_model]` in place.
     pub(crate) fn forward_inplace(&self, x: ArrayViewMut2<f32>) {
-        ops::layer_norm_rows_inplace(x, self.gamma.view(), self.beta.view(), self.eps);
+        ops::layer_norm_rows_inplace(x, None, self.gamma.view(), self.beta.view(), self.eps);
     }
 
     /// `x = LayerNorm(x + y)` on rows `[rows, d_model]`: a post-LN residual connection (§5.4).
     pub(crate) fn add_forward_inplace(&self, x: ArrayViewMut2<f32>, y: ArrayView2<f32>) {
-        ops::add_layer_norm_rows_inplace(x, y, self.gamma.view(), self.beta.view(), self.eps);
+        ops::layer_norm_rows_inplace(x, Some(y), self.gamma.view(), self.beta.view(), self.eps);
     }
 }
 

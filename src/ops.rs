@@ -921,10 +921,13 @@ fn log_softmax_slice(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v -= shift);
 }
 
-/// LayerNorm of each row in place: `(x - mean) / sqrt(var + eps) * gamma + beta`, with the
-/// biased variance and eps inside the square root, as PyTorch computes it.
+/// LayerNorm of each row of `x` `[rows, d]` in place, `(x - mean) / sqrt(var + eps) * gamma +
+/// beta` with the biased variance and eps inside the square root, as PyTorch computes it; rows
+/// spread over the threads. With `y` `[rows, d]`, `LayerNorm(x + y)`: a residual connection and
+/// its norm (§5.4) in one pass, the same floats as adding first and normalising after.
 pub(crate) fn layer_norm_rows_inplace(
     mut x: ArrayViewMut2<f32>,
+    y: Option<ArrayView2<f32>>,
     gamma: ArrayView1<f32>,
     beta: ArrayView1<f32>,
     eps: f32,
@@ -932,29 +935,13 @@ pub(crate) fn layer_norm_rows_inplace(
     let (gamma, beta) = (gamma.to_vec(), beta.to_vec());
     x.axis_iter_mut(Axis(0))
         .into_par_iter()
+        .enumerate()
         .with_min_len(16)
-        .for_each(|row| with_slice(row, |row| layer_norm_slice(row, &gamma, &beta, eps)));
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-/// `x = LayerNorm(x + y)` on every row of `x` `[rows, d]`, `y` `[rows, d]`: a residual
-/// connection and its norm (§5.4) in one pass, rows spread over the threads. The same floats as
-/// adding first and normalising after.
-pub(crate) fn add_layer_norm_rows_inplace(
-    mut x: ArrayViewMut2<f32>,
-    y: ArrayView2<f32>,
-    gamma: ArrayView1<f32>,
-    beta: ArrayView1<f32>,
-    eps: f32,
-) {
-    let (gamma, beta) = (gamma.to_vec(), beta.to_vec());
-    x.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(y.axis_iter(Axis(0)))
-        .with_min_len(16)
-        .for_each(|(row, y)| {
+        .for_each(|(i, row)| {
             with_slice(row, |row| {
-                add_row(row, y);
+                if let Some(y) = y {
+                    add_row(row, y.row(i));
+                }
                 layer_norm_slice(row, &gamma, &beta, eps)
             })
         });
@@ -977,6 +964,7 @@ fn add_row(row: &mut [f32], y: ArrayView1<f32>) {
     }
 }
 
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn layer_norm_slice(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let n = row.len() as f32;
     let mean = sum_lanes_map(row, |v| v) / n;
@@ -1229,9 +1217,9 @@ mod tests {
         let gamma = Array1::from_shape_fn(24, |j| 1.0 + j as f32 * 0.01);
         let beta = Array1::from_shape_fn(24, |j| j as f32 * -0.02);
         let mut expected = &x + &y;
-        layer_norm_rows_inplace(expected.view_mut(), gamma.view(), beta.view(), 1e-5);
+        layer_norm_rows_inplace(expected.view_mut(), None, gamma.view(), beta.view(), 1e-5);
         let mut fused = x.clone();
-        add_layer_norm_rows_inplace(fused.view_mut(), y, gamma.view(), beta.view(), 1e-5);
+        layer_norm_rows_inplace(fused.view_mut(), Some(y), gamma.view(), beta.view(), 1e-5);
         assert_eq!(fused, expected);
         let mut added = x.clone();
         add_rows_inplace(added.view_mut(), y);
@@ -1281,6 +1269,7 @@ mod tests {
         let eps = 0.5;
         layer_norm_rows_inplace(
             x.view_mut(),
+            None,
             array![1.0f32, 1.0, 1.0, 1.0].view(),
             array![0.0f32, 0.0, 0.0, 0.0].view(),
             eps,
