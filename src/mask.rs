@@ -271,9 +271,8 @@ impl<'a> Mask<'a> {
             for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
                 // Keys j with j + tgt_len > i + src_len are in the future of query i.
                 let first_hidden = (i + src_len + 1).saturating_sub(tgt_len);
-                for v in row.iter_mut().skip(first_hidden.saturating_sub(key_start)) {
-                    *v = f32::NEG_INFINITY;
-                }
+                let from = first_hidden.saturating_sub(key_start).min(width);
+                row.slice_mut(s![from..]).fill(f32::NEG_INFINITY);
             }
         }
         if let Some(kp) = self.key_padding {

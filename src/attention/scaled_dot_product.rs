@@ -142,24 +142,40 @@ pub(crate) fn attend_into(
                     .and(w.axis_iter_mut(Axis(0)))
                     .par_for_each(|o, q, k, v, s| per_head(b, q, k, v, o, s));
             }),
-        None => Zip::indexed(out.axis_iter_mut(Axis(0)))
-            .and(q.axis_iter(Axis(0)))
-            .and(k.axis_iter(Axis(0)))
-            .and(v.axis_iter(Axis(0)))
-            .par_for_each(|b, mut o, q, k, v| {
-                Zip::from(o.axis_iter_mut(Axis(0)))
-                    .and(q.axis_iter(Axis(0)))
-                    .and(k.axis_iter(Axis(0)))
-                    .and(v.axis_iter(Axis(0)))
-                    .par_for_each(|o, q, k, v| {
-                        if src_len >= STREAMING_MIN_KEYS {
-                            attend_head_streaming(b, q, k, v, mask, scale, o);
-                        } else {
-                            let mut s = Array2::zeros((tgt_len, src_len));
-                            per_head(b, q, k, v, o, s.view_mut());
-                        }
-                    });
-            }),
+        None => {
+            let streaming = src_len >= STREAMING_MIN_KEYS;
+            out.axis_iter_mut(Axis(0))
+                .into_par_iter()
+                .zip(q.axis_iter(Axis(0)))
+                .zip(k.axis_iter(Axis(0)))
+                .zip(v.axis_iter(Axis(0)))
+                .enumerate()
+                .for_each(|(b, (((mut o, q), k), v))| {
+                    o.axis_iter_mut(Axis(0))
+                        .into_par_iter()
+                        .zip(q.axis_iter(Axis(0)))
+                        .zip(k.axis_iter(Axis(0)))
+                        .zip(v.axis_iter(Axis(0)))
+                        .for_each_init(
+                            // One score matrix per task, reused by its heads.
+                            || {
+                                let (rows, cols) = if streaming {
+                                    (0, 0)
+                                } else {
+                                    (tgt_len, src_len)
+                                };
+                                Array2::zeros((rows, cols))
+                            },
+                            |s, (((o, q), k), v)| {
+                                if streaming {
+                                    attend_head_streaming(b, q, k, v, mask, scale, o);
+                                } else {
+                                    per_head(b, q, k, v, o, s.view_mut());
+                                }
+                            },
+                        );
+                })
+        }
     }
 }
 
