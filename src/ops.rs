@@ -702,10 +702,6 @@ fn axpy_slices(s: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// One query's scores against keys stored transposed, `keys_t` `[d_k][stride]` with the keys
-/// along each row: `scores[j] = Σ_d (scale · q[d]) · keys_t[d·stride + j]` for
-/// `j < scores.len()`, summed over `d` in order and skipping zero entries of `q`, the arithmetic
-/// [`matmul_into`] does for `q Kᵀ` on that layout.
 /// Rows ahead of the one being read that a step's attention asks the cache for: the keys and
 /// values come from memory, and the hardware prefetchers alone left it waiting (a decoding step
 /// 6% faster with 16 rows ahead than without; 4 and 32 rows measured slower than 16).
@@ -723,6 +719,11 @@ fn prefetch(p: *const f32, len: usize) {
     }
 }
 
+/// One query's scores against keys stored transposed, `keys_t` `[d_k][stride]` with the keys
+/// along each row: `scores[j] = Σ_d (scale · q[d]) · keys_t[d·stride + j]` for
+/// `j < scores.len()`, summed over `d` in order and skipping zero entries of `q`, the arithmetic
+/// [`matmul_into`] does for `q Kᵀ` on that layout. Rows [`PREFETCH_ROWS`] ahead are asked for
+/// as it goes.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn query_scores(
     q: &[f32],
@@ -754,7 +755,7 @@ pub(crate) fn query_scores(
 pub(crate) fn weighted_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
     out.fill(0.0);
     let width = out.len();
-    for (j, (&w_j, row)) in w.iter().zip(rows.chunks_exact(out.len())).enumerate() {
+    for (j, (&w_j, row)) in w.iter().zip(rows.chunks_exact(width)).enumerate() {
         prefetch(
             rows.as_ptr().wrapping_add((j + PREFETCH_ROWS) * width),
             width,
