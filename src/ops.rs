@@ -722,9 +722,7 @@ fn prefetch(p: *const f32, len: usize) {
 /// One query's scores against keys stored transposed, `keys_t` `[d_k][stride]` with the keys
 /// along each row: `scores[j] = Σ_d (scale · q[d]) · keys_t[d·stride + j]` for
 /// `j < scores.len()`, summed over `d` in order and skipping zero entries of `q`, the arithmetic
-/// [`matmul_into`] does for `q Kᵀ` on that layout. Rows [`PREFETCH_ROWS`] ahead are asked for
-/// as it goes.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+/// [`matmul_into`] does for `q Kᵀ` on that layout.
 pub(crate) fn query_scores(
     q: &[f32],
     scale: f32,
@@ -732,37 +730,32 @@ pub(crate) fn query_scores(
     stride: usize,
     scores: &mut [f32],
 ) {
-    scores.fill(0.0);
-    let len = scores.len();
-    for (d, (&q_d, keys)) in q.iter().zip(keys_t.chunks(stride)).enumerate() {
-        prefetch(
-            keys_t.as_ptr().wrapping_add((d + PREFETCH_ROWS) * stride),
-            len,
-        );
-        if q_d != 0.0 {
-            let s = scale * q_d;
-            for (score, &key) in scores.iter_mut().zip(&keys[..len]) {
-                *score += s * key;
-            }
-        }
-    }
+    scaled_row_sum(q, scale, keys_t, stride, scores);
 }
 
 /// `out = Σ_j w[j] · rows[j]` for rows of `out.len()` values laid end to end in `rows` (one
 /// query's attention output from its weights and the values), in order of `j` and skipping
 /// zero weights, as [`matmul_into`] does for `w V`.
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 pub(crate) fn weighted_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+    scaled_row_sum(w, 1.0, rows, out.len(), out);
+}
+
+/// `out = Σ_r (scale · c[r]) · rows[r·stride..][..out.len()]`, in order of `r`, skipping zero
+/// coefficients, asking for the row [`PREFETCH_ROWS`] ahead as it goes (both kernels of a
+/// step's single-query attention).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+fn scaled_row_sum(c: &[f32], scale: f32, rows: &[f32], stride: usize, out: &mut [f32]) {
     out.fill(0.0);
     let width = out.len();
-    for (j, (&w_j, row)) in w.iter().zip(rows.chunks_exact(width)).enumerate() {
+    for (r, (&c_r, row)) in c.iter().zip(rows.chunks(stride)).enumerate() {
         prefetch(
-            rows.as_ptr().wrapping_add((j + PREFETCH_ROWS) * width),
+            rows.as_ptr().wrapping_add((r + PREFETCH_ROWS) * stride),
             width,
         );
-        if w_j != 0.0 {
-            for (o, &x) in out.iter_mut().zip(row) {
-                *o += w_j * x;
+        if c_r != 0.0 {
+            let s = scale * c_r;
+            for (o, &x) in out.iter_mut().zip(&row[..width]) {
+                *o += s * x;
             }
         }
     }
