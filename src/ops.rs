@@ -874,13 +874,6 @@ fn add_bias_activate(row: &mut [f32], bias: ArrayView1<f32>, epilogue: Epilogue)
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn add_slice(row: &mut [f32], y: &[f32]) {
-    for (v, &y) in row.iter_mut().zip(y) {
-        *v += y;
-    }
-}
-
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn activate(row: &mut [f32], epilogue: Epilogue) {
     match epilogue {
         Epilogue::Bias => {}
@@ -950,10 +943,10 @@ pub(crate) fn add_rows_inplace(mut x: ArrayViewMut2<f32>, y: ArrayView2<f32>) {
         .for_each(|(row, y)| with_slice(row, |row| add_row(row, y)));
 }
 
-/// `row += y`.
+/// `row += y` (scaled by 1, which leaves every value as it is).
 fn add_row(row: &mut [f32], y: ArrayView1<f32>) {
     match y.as_slice() {
-        Some(y) => add_slice(row, y),
+        Some(y) => axpy_slices(1.0, y, row),
         None => row.iter_mut().zip(y).for_each(|(v, &y)| *v += y),
     }
 }
