@@ -1,8 +1,8 @@
 //! The affine map `y = x Wᵀ + b` used by every projection of the model.
 
 use ndarray::{
-    ArcArray2, Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, Axis, Dim, Dimension,
-    IxDyn,
+    ArcArray, Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, Axis, Dim,
+    Dimension, Ix3, IxDyn,
 };
 use rand::Rng;
 
@@ -11,10 +11,10 @@ use crate::{huge_pages, init, ops};
 
 /// A fully connected layer, `y = x Wᵀ + b`, with the weight in PyTorch's `[out, in]` layout.
 ///
-/// The weight is kept transposed in memory (`Wᵀ`, `[in, out]`, rows contiguous), so that the
-/// product `x Wᵀ` reads both operands row by row; for the few rows of a decoding step this is
-/// several times faster than reading `W` across its rows. [`weight`](Self::weight) still shows
-/// PyTorch's `[out, in]`.
+/// The weight is kept transposed (`Wᵀ`, `[in, out]`) and cut into panels of 128 output
+/// columns, each contiguous, so that the product `x Wᵀ` reads it front to back whatever the
+/// number of rows (the layout of `src/ops.rs`). [`weight`](Self::weight) gives PyTorch's
+/// `[out, in]` back.
 ///
 /// ```
 /// use ndarray::{array, Array3};
@@ -28,9 +28,11 @@ use crate::{huge_pages, init, ops};
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Linear {
-    /// `Wᵀ`, `[in, out]`, standard layout; possibly one part of a larger allocation shared with
-    /// sibling layers ([`pack_weights`]). Never written after construction.
-    weight_t: ArcArray2<f32>,
+    /// `Wᵀ` in panels, `[out.div_ceil(128), in, 128]` (`ops::pack_panels`); possibly one part of
+    /// a larger allocation shared with sibling layers ([`pack_weights`]). Never written after
+    /// construction.
+    panels: ArcArray<f32, Ix3>,
+    out_features: usize,
     bias: Option<Array1<f32>>,
 }
 
@@ -71,23 +73,34 @@ impl Linear {
 
     pub(crate) fn from_parts(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Self {
         debug_assert!(bias.as_ref().is_none_or(|b| b.len() == weight.nrows()));
-        let weight_t = huge_pages::standard_copy(weight.t()).into_shared();
-        Linear { weight_t, bias }
+        Linear {
+            panels: ops::pack_panels(weight.t()).into_shared(),
+            out_features: weight.nrows(),
+            bias,
+        }
     }
 
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight_t.nrows()
+        self.panels.shape()[1]
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight_t.ncols()
+        self.out_features
     }
 
-    /// The weight, `[out, in]` (a transposed view of the stored `[in, out]` matrix).
-    pub fn weight(&self) -> ArrayView2<'_, f32> {
-        self.weight_t.t()
+    /// The weight, `[out, in]`: a copy in PyTorch's layout of the stored panels.
+    pub fn weight(&self) -> Array2<f32> {
+        ops::unpack_panels(self.panels.view(), self.out_features)
+            .t()
+            .as_standard_layout()
+            .into_owned()
+    }
+
+    /// The weight as stored: `Wᵀ` in panels, `[out.div_ceil(128), in, 128]`.
+    pub(crate) fn stored(&self) -> ArrayView3<'_, f32> {
+        self.panels.view()
     }
 
     /// The bias, `[out]`, if the layer has one.
@@ -145,7 +158,12 @@ impl Linear {
         x: ArrayView2<f32>,
         epilogue: ops::Epilogue,
     ) -> Array2<f32> {
-        ops::linear(x, self.weight(), self.bias(), epilogue)
+        ops::linear(
+            x,
+            ops::Weight::Panels(self.panels.view(), self.out_features),
+            self.bias(),
+            epilogue,
+        )
     }
 }
 
@@ -156,17 +174,18 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
     let Some(first) = layers.first() else {
         return;
     };
-    let (rows, cols) = first.weight_t.dim();
-    if layers.iter().any(|l| l.weight_t.dim() != (rows, cols)) {
+    let shape = first.panels.dim();
+    if layers.iter().any(|l| l.panels.dim() != shape) {
         return;
     }
-    let mut storage = huge_pages::zeros(Dim([layers.len(), rows, cols]));
+    let (panels, rows, cols) = shape;
+    let mut storage = huge_pages::zeros(Dim([layers.len(), panels, rows, cols]));
     for (mut slot, layer) in storage.outer_iter_mut().zip(layers.iter()) {
-        slot.assign(&layer.weight_t);
+        slot.assign(&layer.panels);
     }
     let storage = storage.into_shared();
     for (i, layer) in layers.iter_mut().enumerate() {
-        layer.weight_t = storage.clone().index_axis_move(Axis(0), i);
+        layer.panels = storage.clone().index_axis_move(Axis(0), i);
     }
 }
 
@@ -207,9 +226,9 @@ mod tests {
             assert_eq!(after, before);
             assert_eq!(after.forward_2d(x.view()), before.forward_2d(x.view()));
         }
-        // One allocation, the layers one after the other.
-        let stride = 600 * 500;
-        let (p0, p2) = (packed[0].weight_t.as_ptr(), packed[2].weight_t.as_ptr());
+        // One allocation, the layers one after the other (500 columns in 4 panels of 128).
+        let stride = 4 * 600 * 128;
+        let (p0, p2) = (packed[0].panels.as_ptr(), packed[2].panels.as_ptr());
         assert_eq!(
             p2 as usize - p0 as usize,
             2 * stride * std::mem::size_of::<f32>()

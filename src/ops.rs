@@ -14,9 +14,12 @@
 
 use multiversion::multiversion;
 use ndarray::parallel::prelude::*;
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Dim};
+use ndarray::{
+    Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2, Axis, Dim,
+};
 
 use crate::huge_pages;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
@@ -154,8 +157,6 @@ fn gemm_into(
     }
     match kernel_for(a, b) {
         Kernel::FewRows => few_rows_product(a, b, alpha, beta, c),
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Tile(simd) => tile_product(simd, a, b, alpha, beta, c, threads),
         Kernel::Streaming => streaming_product(a, b, alpha, beta, c, threads),
         Kernel::Short => short_product(a, b, alpha, beta, c, threads),
         Kernel::Blocked => blocked_product(a, b, alpha, beta, c, threads),
@@ -165,8 +166,6 @@ fn gemm_into(
 /// The kernels a product can take.
 enum Kernel {
     FewRows,
-    #[cfg(target_arch = "x86_64")]
-    Tile(pulp::x86::V4),
     Streaming,
     Short,
     Blocked,
@@ -178,12 +177,6 @@ fn kernel_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Kernel {
     let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
     if m <= FEW_ROWS && k * n <= FEW_ROWS_MAX_WORK {
         return Kernel::FewRows;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V4::try_new() {
-        if TILE_ROWS.contains(&m) && b.is_standard_layout() {
-            return Kernel::Tile(simd);
-        }
     }
     if m <= STREAM_ROWS && b.strides()[1] == 1 && b.nrows() > 1 {
         return Kernel::Streaming;
@@ -344,152 +337,306 @@ unsafe fn gemm_raw(
     }
 }
 
+/// Columns of `Wᵀ` per panel of the weight layout the products read ([`pack_panels`]).
+///
+/// Each panel is `[k, PANEL]`, contiguous, so a product of a few rows reads a weight as one
+/// front-to-back stream and the blocked kernel takes a panel as an ordinary strided matrix.
+/// Measured on the README's machine with a standalone copy of the few-row kernel (1 thread,
+/// 32 rows × 512 → 2048): with panels of 32, 64 and 128 columns it ran at 140, 134 and 130
+/// GFLOP/s against 93 reading the plain `[k, n]` matrix (whose rows, a power of two apart, share L1 sets, and whose many short
+/// runs the prefetchers follow badly); the blocked kernel called once per panel kept its speed
+/// with 128 columns (1024 rows: 284–302 GFLOP/s at 2 threads against 276–306 for one call on
+/// the plain matrix) but lost 5–10% with 64 and 25% with 32.
+pub(crate) const PANEL: usize = 128;
+
+/// `Wᵀ` (`w_t: [k, n]`) in panels: `[n.div_ceil(PANEL), k, PANEL]`, panel `p` holding columns
+/// `p·PANEL ..` of `w_t`, the last one padded with zeros. On huge pages when large.
+pub(crate) fn pack_panels(w_t: ArrayView2<f32>) -> Array3<f32> {
+    let (k, n) = w_t.dim();
+    let mut panels = huge_pages::zeros(Dim([n.div_ceil(PANEL), k, PANEL]));
+    for (mut panel, cols) in panels
+        .outer_iter_mut()
+        .zip(w_t.axis_chunks_iter(Axis(1), PANEL))
+    {
+        panel
+            .slice_mut(ndarray::s![.., ..cols.ncols()])
+            .assign(&cols);
+    }
+    panels
+}
+
+/// Panel `p` of `panels` as the `[k, width]` matrix it holds (without its padding), for a
+/// weight of `n` columns.
+fn panel_view(panels: ArrayView3<f32>, n: usize, p: usize) -> ArrayView2<f32> {
+    let width = (n - p * PANEL).min(PANEL);
+    panels
+        .index_axis_move(Axis(0), p)
+        .slice_move(ndarray::s![.., ..width])
+}
+
+/// `Wᵀ` back from its panels: `[k, n]`.
+pub(crate) fn unpack_panels(panels: ArrayView3<f32>, n: usize) -> Array2<f32> {
+    let k = panels.shape()[1];
+    let mut w_t = Array2::zeros((k, n));
+    for (p, mut cols) in w_t.axis_chunks_iter_mut(Axis(1), PANEL).enumerate() {
+        cols.assign(&panel_view(panels, n, p));
+    }
+    w_t
+}
+
+/// `c = alpha · a · Wᵀ + beta · c` for a weight in panels ([`pack_panels`]) with `n` columns:
+/// `a: [m, k]`, `c: [m, n]`.
+///
+/// A few rows (a short sequence, a decoding step) go through [`tile_product`] where the CPU
+/// has AVX-512; otherwise each panel is one product of the kernels of [`gemm_into`], panels
+/// spread over the threads. The kernels depend on the shapes alone, so results do not depend
+/// on the thread count.
+fn panels_product_into(
+    a: ArrayView2<f32>,
+    panels: ArrayView3<f32>,
+    n: usize,
+    alpha: f32,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    let (m, k) = a.dim();
+    assert_eq!(panels.shape()[1], k, "inner dimensions agree");
+    assert_eq!(c.dim(), (m, n), "output is [m, n]");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = threads_for_work(m * k * n);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = tile_simd(m) {
+        return tile_product(simd, a, panels, n, alpha, beta, c, threads);
+    }
+    let pieces = panel_pieces(a, panels, n, c.view_mut());
+    let run = |(a, panel, mut c): (ArrayView2<f32>, ArrayView2<f32>, ArrayViewMut2<f32>)| {
+        gemm_into(a, panel, alpha, beta, &mut c, 1)
+    };
+    if threads > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
+}
+
+/// `a · Wᵀ` in a new array for a weight in panels, written once into fresh memory by the
+/// blocked kernel, one panel per product (the largest outputs on huge pages).
+fn panels_product_fresh(a: ArrayView2<f32>, panels: ArrayView3<f32>, n: usize) -> Array2<f32> {
+    let (m, k) = a.dim();
+    assert_eq!(panels.shape()[1], k, "inner dimensions agree");
+    let mut c = if m * n >= PARALLEL_FILL {
+        huge_pages::uninit(Dim([m, n]))
+    } else {
+        Array2::uninit((m, n))
+    };
+    let pieces = panel_pieces(a, panels, n, c.view_mut());
+    let run = |(a, panel, mut c): (
+        ArrayView2<f32>,
+        ArrayView2<f32>,
+        ArrayViewMut2<MaybeUninit<f32>>,
+    )| {
+        let strides = [c.strides()[0], c.strides()[1]];
+        // SAFETY: `c` is a piece of a new [m, n] allocation that nothing else references,
+        // `[a.nrows(), panel.ncols()]` at these strides and disjoint from every other piece
+        // (`panel_pieces` splits it), valid for writes (`MaybeUninit<f32>` has the layout of
+        // `f32`). With beta = 0 `gemm_raw` reads none of it and writes every element: the
+        // product's sum, or zero when k = 0.
+        unsafe { gemm_raw(a, panel, 1.0, 0.0, c.as_mut_ptr().cast::<f32>(), strides, 1) }
+    };
+    if threads_for_work(m * k * n) > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
+    // SAFETY: the pieces cover every element of `c` (every panel, every row block), and each
+    // was written above.
+    unsafe { c.assume_init() }
+}
+
+/// Rows of `a` one piece of [`panel_pieces`] takes when a weight has few panels.
+const PIECE_ROWS: usize = 256;
+
+/// The products `a · panel` a weight in panels splits into, with the block of `c` each writes:
+/// one per panel, and per [`PIECE_ROWS`] rows of `a` when there are fewer than eight panels
+/// (a `[512, 512]` weight has four), so that two threads or more share the work evenly. The
+/// split depends on the shapes alone.
+fn panel_pieces<'a, 'c, T>(
+    a: ArrayView2<'a, f32>,
+    panels: ArrayView3<'a, f32>,
+    n: usize,
+    c: ArrayViewMut2<'c, T>,
+) -> Vec<(
+    ArrayView2<'a, f32>,
+    ArrayView2<'a, f32>,
+    ArrayViewMut2<'c, T>,
+)> {
+    let count = n.div_ceil(PANEL);
+    let rows = if count < 8 { PIECE_ROWS } else { a.nrows() }.max(1);
+    let mut pieces = Vec::new();
+    let mut rest = c;
+    for p in 0..count {
+        let panel = panel_view(panels, n, p);
+        let (mut cols, tail) = rest.split_at(Axis(1), panel.ncols());
+        rest = tail;
+        let mut a_rest = a;
+        while a_rest.nrows() > 0 {
+            let take = rows.min(a_rest.nrows());
+            let (a_rows, a_tail) = a_rest.split_at(Axis(0), take);
+            let (c_block, c_tail) = cols.split_at(Axis(0), take);
+            pieces.push((a_rows, panel, c_block));
+            (a_rest, cols) = (a_tail, c_tail);
+        }
+    }
+    pieces
+}
+
+/// The threads a product of `work` multiply-adds is spread over.
+fn threads_for_work(work: usize) -> usize {
+    if work >= PARALLEL_MIN_WORK {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// AVX-512, if the CPU has it and a product of `m` rows is one for [`tile_product`].
+#[cfg(target_arch = "x86_64")]
+fn tile_simd(m: usize) -> Option<pulp::x86::V4> {
+    if TILE_ROWS.contains(&m) {
+        pulp::x86::V4::try_new()
+    } else {
+        None
+    }
+}
+
 /// Rows of `a` and columns of `b` one register tile of [`tile_product`] holds: 8 × 32 sums are
 /// sixteen AVX-512 registers.
 #[cfg(target_arch = "x86_64")]
 const TILE_M: usize = 8;
 #[cfg(target_arch = "x86_64")]
 const TILE_N: usize = 32;
-/// Rows of `b` a register tile takes per visit. The `TILE_KC` row pieces of a strip stay in L1
-/// while every row tile uses them, even when the row stride of `b` is a power of two (which maps
-/// them to one cache set), and the `TILE_KC` rows are as many sequential streams for the
-/// hardware prefetchers.
+/// Register tiles across a panel.
 #[cfg(target_arch = "x86_64")]
-const TILE_KC: usize = 16;
-/// [`TILE_KC`] for a single row tile (a decoding step), where the product is bound by reading
-/// `b`.
+const PANEL_STRIPS: usize = PANEL / TILE_N;
+/// Rows of a panel a register tile takes per visit: the block (32 KiB) stays in L1 while every
+/// tile uses it, and the partial sums are loaded and stored once per 64 multiply-adds each.
 #[cfg(target_arch = "x86_64")]
-const TILE_KC_FEW: usize = 16;
-/// Strips a single row tile walks down all of `k` before the next ones: their partial sums
-/// (8 KiB) stay in L1 and the next block's prefetches land a few strips ahead. Walking all of a
-/// wide weight's strips per block instead (the output projection, 32000 columns) kept 500 KiB
-/// of sums in L2 and measured 18% slower on that product.
-#[cfg(target_arch = "x86_64")]
-const TILE_GROUP_FEW: usize = 8;
+const TILE_KC: usize = 64;
 /// Row counts [`tile_product`] takes (a short sequence or a batch of them): enough rows that the
 /// weight, read once from memory, feeds several register tiles, few enough that the partial
 /// sums stay in the core's cache.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: std::ops::RangeInclusive<usize> = 1..=64;
 
-/// `c = alpha · a · b + beta · c` for a `b` in standard layout (a weight `Wᵀ`), reading `b` once,
-/// front to back, without packing it.
+/// `c = alpha · a · Wᵀ + beta · c` for a few rows of `a` and a weight in panels, reading each
+/// panel once, front to back.
 ///
-/// A general GEMM packs column panels of `b`, which for a weight means copying all of it through
-/// memory on every call, and walks those panels down their rows, a stride the prefetchers do not
-/// follow: with few rows of `a` that costs as much as the arithmetic. Here each thread takes a
-/// range of columns and walks `b` in blocks of [`TILE_KC`] rows; within a block every register
-/// tile ([`TILE_M`] × [`TILE_N`]) adds its terms to partial sums kept in cache. Each sum runs over
-/// `k` in order whatever the tiling and thread count, so results do not depend on either.
+/// Each thread takes a run of whole panels (of 32-column strips when there are fewer panels
+/// than threads) and walks each panel in blocks of [`TILE_KC`] rows; within a block every
+/// register tile ([`TILE_M`] × [`TILE_N`]) adds its terms to partial sums kept in cache. While
+/// one block is in use the tiles ask for the next one (the next [`TILE_KC`] · [`PANEL`] values,
+/// contiguous), a share each, so that memory streams in while the arithmetic runs: with the
+/// hardware prefetchers alone the two took turns. With the panels and these requests a linear
+/// layer of 32 rows × 512 → 2048 on 1 thread ran at 139 GFLOP/s with its weight in cache and
+/// 112 with 40 weights in turn (160 MB), against 97 for both reading the plain `[k, n]` matrix. The requests go to L2: into L1 they stalled on its few
+/// fill buffers, and a decoding step (one row tile) took 19% longer. Each sum runs over `k` in
+/// order whatever the tiling and thread count, so results do not depend on either.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn tile_product(
     simd: pulp::x86::V4,
     a: ArrayView2<f32>,
-    b: ArrayView2<f32>,
+    panels: ArrayView3<f32>,
+    n: usize,
     alpha: f32,
     beta: f32,
     c: &mut ArrayViewMut2<f32>,
     threads: usize,
 ) {
     let (m, k) = a.dim();
-    let n = b.ncols();
-    let b = b
-        .as_slice()
-        .expect("tile_product takes b in standard layout");
-    // a as [row tile][k][TILE_M], zero rows padding the last tile.
+    let weight = panels.as_slice().expect("panels in standard layout");
     let row_tiles = m.div_ceil(TILE_M);
-    let pack = || {
-        let mut a_packed = vec![0.0f32; row_tiles * k * TILE_M];
-        for (i, row) in a.rows().into_iter().enumerate() {
-            let tile = &mut a_packed[(i / TILE_M) * k * TILE_M..][..k * TILE_M];
-            for (r, &v) in row.iter().enumerate() {
-                tile[r * TILE_M + i % TILE_M] = v;
-            }
-        }
-        a_packed
-    };
-    // A single row tile (a decoding step) walks its columns in groups of strips, each group
-    // down all of `k`, so that its partial sums stay in L1 however wide `b` is.
-    let (block, group_strips) = if row_tiles == 1 {
-        (TILE_KC_FEW, TILE_GROUP_FEW)
-    } else {
-        (TILE_KC, usize::MAX)
-    };
+
     let strips = n.div_ceil(TILE_N);
-    let strips_per_unit = strips.div_ceil(threads).max(1);
+    let mut strips_per_unit = strips.div_ceil(threads).max(1);
+    if strips_per_unit >= PANEL_STRIPS {
+        strips_per_unit = strips_per_unit.next_multiple_of(PANEL_STRIPS);
+    }
     let unit_width = strips_per_unit * TILE_N;
     let run = |(unit, mut c_unit): (usize, ArrayViewMut2<f32>)| {
         // Each thread packs its own copy: one packed by another core would be read line by
         // line out of that core's cache (3% of a decoding step, measured).
-        let a_packed = pack();
-        let j_unit = unit * unit_width;
+        let a_tiles = pack_row_tiles(a, row_tiles);
+        let first = unit * strips_per_unit;
         let unit_strips = c_unit.ncols().div_ceil(TILE_N);
-        // Full strips read `b` in place; a narrow last one is copied into a padded strip.
-        let full = (n - j_unit) / TILE_N;
-        let tail = if full < unit_strips {
-            let (j0, width) = (j_unit + full * TILE_N, n - j_unit - full * TILE_N);
-            let mut padded = vec![0.0f32; k * TILE_N];
-            for r in 0..k {
-                padded[r * TILE_N..][..width].copy_from_slice(&b[r * n + j0..][..width]);
-            }
-            padded
-        } else {
-            Vec::new()
-        };
-        // Partial sums, [strip][row tile][TILE_M][TILE_N].
-        let mut sums = vec![TileSums([[0.0f32; TILE_N]; TILE_M]); unit_strips * row_tiles];
-        // The whole walk is one vectorised call, so that each kernel inlines into it.
-        simd.vectorize(
-            #[inline(always)]
-            || {
-                for group in (0..unit_strips).step_by(group_strips) {
-                    for r0 in (0..k).step_by(block) {
-                        let kc = (k - r0).min(block);
-                        for strip in group..(group + group_strips).min(unit_strips) {
-                            let (b_strip, ldb) = if strip < full {
-                                (&b[r0 * n + j_unit + strip * TILE_N..], n)
-                            } else {
-                                (&tail[r0 * TILE_N..], TILE_N)
-                            };
+        let mut sums = vec![TileSums::ZERO; PANEL_STRIPS * row_tiles];
+        let mut s = 0;
+        while s < unit_strips {
+            // The strips of one panel in this unit.
+            let panel = (first + s) / PANEL_STRIPS;
+            let end = ((panel + 1) * PANEL_STRIPS - first).min(unit_strips);
+            let in_panel = (first + s) % PANEL_STRIPS;
+            let count = end - s;
+            let values = &weight[panel * k * PANEL..][..k * PANEL];
+            sums[..count * row_tiles].fill(TileSums::ZERO);
+            // Bytes of the next block each kernel call asks for per row it reads.
+            let step = PANEL * 4 / (count * row_tiles);
+            // The whole walk is one vectorised call, so that each kernel inlines into it.
+            simd.vectorize(
+                #[inline(always)]
+                || {
+                    for r0 in (0..k).step_by(TILE_KC) {
+                        let kc = (k - r0).min(TILE_KC);
+                        let rows: &[[[f32; TILE_N]; PANEL_STRIPS]] =
+                            pulp::bytemuck::cast_slice(&values[r0 * PANEL..][..kc * PANEL]);
+                        let next = values
+                            .as_ptr()
+                            .wrapping_add((r0 + TILE_KC) * PANEL)
+                            .cast::<i8>();
+                        for strip in 0..count {
                             for tile in 0..row_tiles {
-                                let a_tile = &a_packed[(tile * k + r0) * TILE_M..][..kc * TILE_M];
-                                let sums = &mut sums[strip * row_tiles + tile].0;
-                                if tile == 0 {
-                                    tile_kernel::<true>(simd, a_tile, b_strip, ldb, kc, sums);
-                                } else {
-                                    tile_kernel::<false>(simd, a_tile, b_strip, ldb, kc, sums);
-                                }
+                                let call = strip * row_tiles + tile;
+                                tile_kernel(
+                                    simd,
+                                    &a_tiles[tile * k + r0..][..kc],
+                                    rows,
+                                    in_panel + strip,
+                                    &mut sums[call].0,
+                                    next.wrapping_add(call * kc * step),
+                                    step,
+                                );
                             }
                         }
                     }
-                }
-            },
-        );
-        for tile in 0..row_tiles {
-            let rows = (m - tile * TILE_M).min(TILE_M);
-            for ii in 0..rows {
-                let mut c_row = c_unit.row_mut(tile * TILE_M + ii);
-                let row_sums = (0..unit_strips).map(|strip| &sums[strip * row_tiles + tile].0[ii]);
-                match c_row.as_slice_mut() {
-                    Some(c_row) => {
-                        for (c, s) in c_row.chunks_mut(TILE_N).zip(row_sums) {
-                            store_sums_slice(c, &s[..c.len()], alpha, beta);
-                        }
-                    }
-                    None => {
-                        for (strip, s) in row_sums.enumerate() {
-                            let width = (c_row.len() - strip * TILE_N).min(TILE_N);
-                            store_sums(
-                                c_row
-                                    .slice_mut(ndarray::s![strip * TILE_N..strip * TILE_N + width]),
-                                &s[..width],
+                },
+            );
+            for strip in 0..count {
+                let j0 = (s + strip) * TILE_N;
+                let width = (c_unit.ncols() - j0).min(TILE_N);
+                for tile in 0..row_tiles {
+                    let rows = (m - tile * TILE_M).min(TILE_M);
+                    for (ii, row_sums) in
+                        sums[strip * row_tiles + tile].0[..rows].iter().enumerate()
+                    {
+                        let mut c_row = c_unit.row_mut(tile * TILE_M + ii);
+                        let piece = &row_sums[..width];
+                        match c_row.as_slice_mut() {
+                            Some(c_row) => {
+                                store_sums_slice(&mut c_row[j0..j0 + width], piece, alpha, beta)
+                            }
+                            None => store_sums(
+                                c_row.slice_mut(ndarray::s![j0..j0 + width]),
+                                piece,
                                 alpha,
                                 beta,
-                            );
+                            ),
                         }
                     }
                 }
             }
+            s = end;
         }
     };
     let units = c.axis_chunks_iter_mut(Axis(1), unit_width);
@@ -500,6 +647,25 @@ fn tile_product(
     }
 }
 
+/// The rows of `a` as `[row tile][k]` groups of [`TILE_M`] values (one per row of the tile),
+/// zero rows padding the last tile.
+#[cfg(target_arch = "x86_64")]
+fn pack_row_tiles(a: ArrayView2<f32>, row_tiles: usize) -> Vec<[f32; TILE_M]> {
+    let k = a.ncols();
+    let mut tiles = vec![[0.0f32; TILE_M]; row_tiles * k];
+    for (tile, rows) in tiles
+        .chunks_exact_mut(k.max(1))
+        .zip(a.axis_chunks_iter(Axis(0), TILE_M))
+    {
+        for (i, row) in rows.rows().into_iter().enumerate() {
+            for (group, &v) in tile.iter_mut().zip(row) {
+                group[i] = v;
+            }
+        }
+    }
+    tiles
+}
+
 /// One register tile's partial sums, on a cache line boundary so that each of its sixteen
 /// AVX-512 loads and stores touches one line, not two.
 #[cfg(target_arch = "x86_64")]
@@ -507,36 +673,39 @@ fn tile_product(
 #[repr(C, align(64))]
 struct TileSums([[f32; TILE_N]; TILE_M]);
 
-/// One register tile: `sums[i][j] += Σ_r a[r, i] · b[r·ldb + j]` for `i < TILE_M`, `j < TILE_N`,
-/// `r < kc`, with `a` as `[kc][TILE_M]`: one fused multiply-add per term, in order of `r`, on
-/// sixteen AVX-512 registers (through `pulp`'s safe SIMD types). Called inside
+#[cfg(target_arch = "x86_64")]
+impl TileSums {
+    const ZERO: Self = TileSums([[0.0; TILE_N]; TILE_M]);
+}
+
+/// One register tile: `sums[i][j] += Σ_r a[r][i] · rows[r][strip][j]` for `i < TILE_M`,
+/// `j < TILE_N` over the rows of a block: one fused multiply-add per term, in order of `r`, on
+/// sixteen AVX-512 registers (through `pulp`'s safe SIMD types). Per row it also asks for the
+/// cache line at `ahead + r · step` (and the next one when `step` spans two) to be brought into
+/// L2. Called inside
 /// `simd.vectorize`, where it inlines with the AVX-512 code generation.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn tile_kernel<const PREFETCH: bool>(
+fn tile_kernel(
     simd: pulp::x86::V4,
-    a: &[f32],
-    b: &[f32],
-    ldb: usize,
-    kc: usize,
+    a: &[[f32; TILE_M]],
+    rows: &[[[f32; TILE_N]; PANEL_STRIPS]],
+    strip: usize,
     sums: &mut [[f32; TILE_N]; TILE_M],
+    ahead: *const i8,
+    step: usize,
 ) {
     use pulp::{bytemuck::cast, f32x16};
-    use std::arch::x86_64::_MM_HINT_T0;
+    use std::arch::x86_64::_MM_HINT_T1;
     let mut acc: [[f32x16; 2]; TILE_M] = cast(*sums);
-    for (b_r, a_r) in b.chunks(ldb).zip(a.chunks_exact(TILE_M)).take(kc) {
-        let b_r: &[f32; TILE_N] = b_r[..TILE_N].try_into().expect("a strip");
-        let a_r: &[f32; TILE_M] = a_r.try_into().expect("a tile");
-        let halves: [f32x16; 2] = cast(*b_r);
-        if PREFETCH {
-            // The same strip's row in the next block of `b`: narrow weights have rows
-            // too short for the hardware prefetchers to follow.
-            let ahead = b_r.as_ptr().wrapping_add(kc * ldb).cast::<i8>();
-            simd.sse._mm_prefetch::<_MM_HINT_T0>(ahead);
-            simd.sse._mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            simd.sse
-                ._mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(127));
+    for (r, (row, a_r)) in rows.iter().zip(a).enumerate() {
+        // A hint only: never faults, even past the end of the weight.
+        let line = ahead.wrapping_add(r * step);
+        simd.sse._mm_prefetch::<_MM_HINT_T1>(line);
+        if step > 64 {
+            simd.sse._mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(64));
         }
+        let halves: [f32x16; 2] = cast(row[strip]);
         for (acc_i, &a_ri) in acc.iter_mut().zip(a_r) {
             let s = simd.splat_f32x16(a_ri);
             acc_i[0] = simd.mul_add_f32x16(s, halves[0], acc_i[0]);
@@ -798,23 +967,46 @@ pub(crate) enum Epilogue {
     BiasGelu,
 }
 
-/// `epilogue(x · wᵀ, bias)`, with `x: [rows, in]`, `w: [out, in]` (PyTorch layout); returns
-/// `[rows, out]`.
+/// A weight as [`linear`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Weight<'a> {
+    /// `W`, `[out, in]` (PyTorch's layout), any strides: a tied embedding table.
+    Plain(ArrayView2<'a, f32>),
+    /// `Wᵀ` in panels ([`pack_panels`]), with its number of columns (`out`).
+    Panels(ArrayView3<'a, f32>, usize),
+}
+
+/// `epilogue(x · wᵀ, bias)`, with `x: [rows, in]`, `w: [out, in]`; returns `[rows, out]`.
 ///
-/// The output starts as the bias, repeated on every row, and the product is added to it
-/// (`beta = 1`): the sum `x · wᵀ + b` is the same float either way, and this saves a zeroing pass
-/// and a bias pass over the output. An activation, if any, is one more pass.
+/// Products of many rows are written once into fresh memory, and the bias and activation
+/// added in one pass over it by all threads. Otherwise the output starts as the bias, repeated
+/// on every row, and the product is added to it (`beta = 1`): the sum `x · wᵀ + b` is the same
+/// float either way, and this saves a zeroing pass and a bias pass over the output. An
+/// activation, if any, is one more pass.
 pub(crate) fn linear(
     x: ArrayView2<f32>,
-    w: ArrayView2<f32>,
+    w: Weight,
     bias: Option<ArrayView1<f32>>,
     epilogue: Epilogue,
 ) -> Array2<f32> {
-    let (rows, out) = (x.nrows(), w.nrows());
-    if matches!(kernel_for(x, w.t()), Kernel::Blocked) && rows * out > 0 {
-        // The product is written once into fresh memory, and the bias and activation added in
-        // one pass over it by all threads.
-        let mut y = blocked_product_fresh(x, w.t(), threads_for(x, w.t()));
+    let rows = x.nrows();
+    let out = match w {
+        Weight::Plain(w) => w.nrows(),
+        Weight::Panels(_, n) => n,
+    };
+    let fresh = match w {
+        Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
+        Weight::Panels(panels, n) => {
+            !cfg!(target_arch = "x86_64")
+                || !uses_tile(rows)
+                    && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
+        }
+    };
+    if fresh && rows * out > 0 {
+        let mut y = match w {
+            Weight::Plain(w) => blocked_product_fresh(x, w.t(), threads_for(x, w.t())),
+            Weight::Panels(panels, n) => panels_product_fresh(x, panels, n),
+        };
         if let Some(b) = bias {
             y.axis_iter_mut(Axis(0))
                 .into_par_iter()
@@ -847,11 +1039,29 @@ pub(crate) fn linear(
         None => huge_pages::zeros(Dim([rows, out])),
     };
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
-    matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut());
+    match w {
+        Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut()),
+        Weight::Panels(panels, n) => {
+            panels_product_into(x, panels, n, 1.0, beta, &mut y.view_mut())
+        }
+    }
     if epilogue != Epilogue::Bias {
         activate_rows(&mut y, epilogue);
     }
     y
+}
+
+/// Whether a product of `rows` rows with a weight in panels runs on [`tile_product`].
+fn uses_tile(rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        tile_simd(rows).is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = rows;
+        false
+    }
 }
 
 /// Outputs of at least this many values lie on huge pages and, when they start as the bias,
@@ -1275,11 +1485,43 @@ mod tests {
         let x = Array2::from_shape_fn((3, 4), |(i, j)| (i * 4 + j) as f32 * 0.1);
         let w = Array2::from_shape_fn((2, 4), |(o, i)| (o as f32 - i as f32) * 0.3);
         let b = array![0.5f32, -1.0];
-        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::Bias);
-        for r in 0..3 {
-            for o in 0..2 {
-                let expect: f32 = (0..4).map(|i| x[[r, i]] * w[[o, i]]).sum::<f32>() + b[o];
-                assert_abs_diff_eq!(y[[r, o]], expect, epsilon = 1e-5);
+        let panels = pack_panels(w.t());
+        for weight in [Weight::Plain(w.view()), Weight::Panels(panels.view(), 2)] {
+            let y = linear(x.view(), weight, Some(b.view()), Epilogue::Bias);
+            for r in 0..3 {
+                for o in 0..2 {
+                    let expect: f32 = (0..4).map(|i| x[[r, i]] * w[[o, i]]).sum::<f32>() + b[o];
+                    assert_abs_diff_eq!(y[[r, o]], expect, epsilon = 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_hold_the_weight_and_products_over_them_match_the_plain_ones() {
+        // Widths around the panel width; 300 rows take the blocked kernel panel by panel, the
+        // others the tile kernel (with AVX-512) or the other kernels panel by panel.
+        for (m, k, n) in [
+            (300, 40, 2000),
+            (300, 7, 130),
+            (20, 33, 129),
+            (3, 5, 1),
+            (64, 16, 256),
+        ] {
+            let a =
+                Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+            let w_t =
+                Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+            let panels = pack_panels(w_t.view());
+            assert_eq!(panels.dim(), (n.div_ceil(PANEL), k, PANEL));
+            assert_eq!(unpack_panels(panels.view(), n), w_t);
+            let mut expected = Array2::zeros((m, n));
+            blocked_product(a.view(), w_t.view(), 1.0, 0.0, &mut expected.view_mut(), 1);
+            let mut y = Array2::from_elem((m, n), f32::NAN);
+            panels_product_into(a.view(), panels.view(), n, 1.0, 0.0, &mut y.view_mut());
+            assert_abs_diff_eq!(y, expected, epsilon = 1e-4);
+            if m > 64 {
+                assert_eq!(panels_product_fresh(a.view(), panels.view(), n), y);
             }
         }
     }
@@ -1293,25 +1535,43 @@ mod tests {
         });
         let w = Array2::from_shape_fn((2000, 40), |(o, i)| ((o * 5 + i) % 13) as f32 * 0.05 - 0.3);
         let b = Array1::from_shape_fn(2000, |o| (o % 7) as f32 * 0.25 - 0.75);
+        let panels = pack_panels(w.t());
         for epilogue in [Epilogue::Bias, Epilogue::BiasRelu, Epilogue::BiasGelu] {
-            let y = linear(x.view(), w.view(), Some(b.view()), epilogue);
+            let y = linear(x.view(), Weight::Plain(w.view()), Some(b.view()), epilogue);
             let mut expected = Array2::from_shape_fn((300, 2000), |(_, o)| b[o]);
             blocked_product(x.view(), w.t(), 1.0, 1.0, &mut expected.view_mut(), 2);
             activate_rows(&mut expected, epilogue);
             assert_eq!(y, expected, "{epilogue:?}");
             assert!(y.is_standard_layout());
+            let y = linear(
+                x.view(),
+                Weight::Panels(panels.view(), 2000),
+                Some(b.view()),
+                epilogue,
+            );
+            let mut expected = Array2::from_shape_fn((300, 2000), |(_, o)| b[o]);
+            panels_product_into(
+                x.view(),
+                panels.view(),
+                2000,
+                1.0,
+                1.0,
+                &mut expected.view_mut(),
+            );
+            activate_rows(&mut expected, epilogue);
+            assert_eq!(y, expected, "{epilogue:?} over panels");
         }
-        let no_bias = linear(x.view(), w.view(), None, Epilogue::Bias);
+        let no_bias = linear(x.view(), Weight::Plain(w.view()), None, Epilogue::Bias);
         let mut expected = Array2::zeros((300, 2000));
         blocked_product(x.view(), w.t(), 1.0, 0.0, &mut expected.view_mut(), 1);
         assert_eq!(no_bias, expected);
-        let empty = linear(
-            Array2::zeros((300, 0)).view(),
-            Array2::zeros((5, 0)).view(),
-            None,
-            Epilogue::Bias,
-        );
-        assert_eq!(empty, Array2::<f32>::zeros((300, 5)), "k = 0 writes zeros");
+        for weight in [
+            Weight::Plain(Array2::zeros((5, 0)).view()),
+            Weight::Panels(pack_panels(Array2::zeros((0, 5)).view()).view(), 5),
+        ] {
+            let empty = linear(Array2::zeros((300, 0)).view(), weight, None, Epilogue::Bias);
+            assert_eq!(empty, Array2::<f32>::zeros((300, 5)), "k = 0 writes zeros");
+        }
     }
 
     #[test]
@@ -1342,11 +1602,12 @@ mod tests {
         let x = array![[1.0f32, -2.0]];
         let w = array![[1.0f32, 0.0], [0.0, 1.0]];
         let b = array![0.5f32, 1.0];
-        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::BiasRelu);
+        let w = Weight::Plain(w.view());
+        let y = linear(x.view(), w, Some(b.view()), Epilogue::BiasRelu);
         assert_eq!(y, array![[1.5f32, 0.0]]);
-        let y = linear(x.view(), w.view(), Some(b.view()), Epilogue::BiasGelu);
+        let y = linear(x.view(), w, Some(b.view()), Epilogue::BiasGelu);
         assert_abs_diff_eq!(y, array![[gelu(1.5), gelu(-1.0)]], epsilon = 0.0);
-        let y = linear(x.view(), w.view(), None, Epilogue::BiasRelu);
+        let y = linear(x.view(), w, None, Epilogue::BiasRelu);
         assert_eq!(y, array![[1.0f32, 0.0]]);
     }
 
@@ -1454,18 +1715,21 @@ mod tests {
             let a =
                 Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
             let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+            let panels = pack_panels(w.view());
+            let panels = panels.view();
             for beta in [0.0, 2.0] {
                 let start = Array2::from_shape_fn((m, n), |(i, j)| (i + 2 * j) as f32 * 0.01);
                 let expected = naive_product(a.view(), w.view(), 0.5, beta, start.view());
                 let mut one = start.clone();
-                tile_product(simd, a.view(), w.view(), 0.5, beta, &mut one.view_mut(), 1);
+                tile_product(simd, a.view(), panels, n, 0.5, beta, &mut one.view_mut(), 1);
                 assert_abs_diff_eq!(one, expected, epsilon = 1e-4);
                 for threads in [2, 3] {
                     let mut many = start.clone();
                     tile_product(
                         simd,
                         a.view(),
-                        w.view(),
+                        panels,
+                        n,
                         0.5,
                         beta,
                         &mut many.view_mut(),

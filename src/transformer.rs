@@ -3,7 +3,9 @@
 
 use std::hash::{Hash, Hasher};
 
-use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, Axis};
+use ndarray::{
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, Axis, CowArray, Ix2,
+};
 use rand::Rng;
 
 use crate::attention::DecoderCache;
@@ -15,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::mask::{KeyPaddingMask, Mask};
+use crate::ops;
 use crate::positional::PositionalEncoding;
-use crate::{huge_pages, ops};
 
 /// The Transformer: token ids in, next-token logits out.
 ///
@@ -48,9 +50,9 @@ pub struct Transformer {
     pub(crate) input: InputEmbedding,
     pub(crate) encoder: Encoder,
     pub(crate) decoder: Decoder,
-    /// The output projection's weight transposed, `[d_model, tgt_vocab]` (see [`Linear`](crate::Linear)
-    /// for why); `None` when tied to the target embedding.
-    generator_weight_t: Option<Array2<f32>>,
+    /// The output projection's weight transposed, `[d_model, tgt_vocab]`, in the panels its
+    /// products read (see [`Linear`](crate::Linear)); `None` when tied to the target embedding.
+    generator_panels: Option<Array3<f32>>,
     pub(crate) generator_bias: Array1<f32>,
     /// A hash of the config and a sample of the weights, so a [`DecoderCache`] can tell
     /// whether it was made by this model (equal weights give equal fingerprints).
@@ -132,7 +134,7 @@ impl Transformer {
             input,
             encoder,
             decoder,
-            generator_weight_t: generator_weight.map(|w| huge_pages::standard_copy(w.t())),
+            generator_panels: generator_weight.map(|w| ops::pack_panels(w.t())),
             generator_bias,
             fingerprint: 0,
         };
@@ -177,10 +179,16 @@ impl Transformer {
     }
 
     /// The output projection's weight `[tgt_vocab, d_model]` (the target embedding when tied).
-    pub fn output_weight(&self) -> ArrayView2<'_, f32> {
-        match &self.generator_weight_t {
-            Some(w) => w.t(),
-            None => self.tgt_embedding().weight(),
+    ///
+    /// An untied weight is stored in the panels its products read and comes back as a copy.
+    pub fn output_weight(&self) -> CowArray<'_, f32, Ix2> {
+        match &self.generator_panels {
+            Some(panels) => ops::unpack_panels(panels.view(), self.config.tgt_vocab)
+                .t()
+                .as_standard_layout()
+                .into_owned()
+                .into(),
+            None => self.tgt_embedding().weight().into(),
         }
     }
 
@@ -354,9 +362,13 @@ impl Transformer {
             .view()
             .into_shape_with_order((b * len, d))
             .expect("standard layout");
+        let weight = match &self.generator_panels {
+            Some(panels) => ops::Weight::Panels(panels.view(), self.config.tgt_vocab),
+            None => ops::Weight::Plain(self.tgt_embedding().weight()),
+        };
         ops::linear(
             flat,
-            self.output_weight(),
+            weight,
             Some(self.generator_bias.view()),
             ops::Epilogue::Bias,
         )
@@ -536,13 +548,16 @@ impl Transformer {
     fn compute_fingerprint(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         format!("{:?}", self.config).hash(&mut h);
-        let mut sample = |a: ArrayView2<f32>| {
+        // Every 97th stored value (weights in panels as stored: equal weights, equal panels).
+        let mut sample = |a: ArrayViewD<f32>| {
             for v in a.iter().step_by(97) {
                 v.to_bits().hash(&mut h);
             }
         };
-        sample(self.tgt_embedding().weight());
-        sample(self.output_weight());
+        sample(self.tgt_embedding().weight().into_dyn());
+        if let Some(panels) = &self.generator_panels {
+            sample(panels.view().into_dyn());
+        }
         for layer in &self.decoder.layers {
             for p in layer
                 .self_attn
@@ -550,11 +565,11 @@ impl Transformer {
                 .into_iter()
                 .chain(layer.cross_attn.projections())
             {
-                sample(p.weight());
+                sample(p.stored().into_dyn());
             }
             let (l1, l2) = layer.feed_forward.layers();
-            sample(l1.weight());
-            sample(l2.weight());
+            sample(l1.stored().into_dyn());
+            sample(l2.stored().into_dyn());
         }
         for v in self.generator_bias.iter() {
             v.to_bits().hash(&mut h);

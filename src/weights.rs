@@ -562,7 +562,7 @@ impl Transformer {
         if self.config().tie_output_projection {
             tensors.push((
                 "generator.weight".into(),
-                F32Tensor::new(self.output_weight().into_dyn().into()),
+                F32Tensor::new(self.output_weight().into_dyn()),
             ));
         }
         serialize(tensors)
@@ -603,7 +603,8 @@ pub(crate) fn visit_parameters(
                      name: &str,
                      a: &MultiHeadAttention| {
         let [q, k, v, out] = a.projections();
-        let w = concatenate(Axis(0), &[q.weight(), k.weight(), v.weight()]).expect("equal widths");
+        let (q_w, k_w, v_w) = (q.weight(), k.weight(), v.weight());
+        let w = concatenate(Axis(0), &[q_w.view(), k_w.view(), v_w.view()]).expect("equal widths");
         put(format!("{name}.in_proj_weight"), w.into_dyn().into());
         let bias = |l: &Linear| {
             l.bias()
@@ -662,10 +663,7 @@ pub(crate) fn visit_parameters(
         norm(&mut put, "transformer.decoder.norm", n);
     }
     if !model.config().tie_output_projection {
-        put(
-            "generator.weight".into(),
-            model.output_weight().into_dyn().into(),
-        );
+        put("generator.weight".into(), model.output_weight().into_dyn());
     }
     put(
         "generator.bias".into(),
