@@ -36,7 +36,7 @@ impl FeedForward {
     /// [`Error::Shape`] if the widths do not chain back to `d_model`.
     pub fn new(linear1: Linear, linear2: Linear, activation: Activation) -> Result<Self> {
         let (d_model, d_ff) = (linear1.in_features(), linear1.out_features());
-        if linear2.weight().dim() != (d_model, d_ff) {
+        if (linear2.out_features(), linear2.in_features()) != (d_model, d_ff) {
             return Err(Error::shape(
                 "feed-forward linear2 weight",
                 format!("[d_model, d_ff] = [{d_model}, {d_ff}]"),

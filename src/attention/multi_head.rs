@@ -64,7 +64,7 @@ impl MultiHeadAttention {
             ("v_proj", &v_proj),
             ("out_proj", &out_proj),
         ] {
-            if p.weight().dim() != (d_model, d_model) {
+            if (p.out_features(), p.in_features()) != (d_model, d_model) {
                 return Err(Error::shape(
                     format!("{name} weight"),
                     format!("[d_model, d_model] = [{d_model}, {d_model}]"),
