@@ -541,7 +541,7 @@ const TILE_ROWS: std::ops::RangeInclusive<usize> = 1..=64;
 /// hardware prefetchers alone the two took turns. With the panels and these requests a linear
 /// layer of 32 rows × 512 → 2048 on 1 thread ran at 139 GFLOP/s with its weight in cache and
 /// 112 with 40 weights in turn (160 MB), against 97 for both reading the plain `[k, n]` matrix. The requests go to L2: into L1 they stalled on its few
-/// fill buffers, and a decoding step (one row tile) took 19% longer. Each sum runs over `k` in
+/// fill buffers, and a decoding step (one row tile) took about 20% longer. Each sum runs over `k` in
 /// order whatever the tiling and thread count, so results do not depend on either.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
@@ -1497,6 +1497,13 @@ mod tests {
         }
     }
 
+    /// A `[m, k]` input and a `[k, n]` weight `Wᵀ` of small, varied values.
+    fn operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32>) {
+        let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+        let w_t = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+        (a, w_t)
+    }
+
     #[test]
     fn panels_hold_the_weight_and_products_over_them_match_the_plain_ones() {
         // Widths around the panel width; 300 rows take the blocked kernel panel by panel, the
@@ -1508,10 +1515,7 @@ mod tests {
             (3, 5, 1),
             (64, 16, 256),
         ] {
-            let a =
-                Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
-            let w_t =
-                Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+            let (a, w_t) = operands(m, k, n);
             let panels = pack_panels(w_t.view());
             assert_eq!(panels.dim(), (n.div_ceil(PANEL), k, PANEL));
             assert_eq!(unpack_panels(panels.view(), n), w_t);
@@ -1712,9 +1716,7 @@ mod tests {
             (64, 17, 33),
             (30, 512, 96),
         ] {
-            let a =
-                Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
-            let w = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.05 - 0.3);
+            let (a, w) = operands(m, k, n);
             let panels = pack_panels(w.view());
             let panels = panels.view();
             for beta in [0.0, 2.0] {
