@@ -195,7 +195,7 @@ impl Transformer {
     /// Number of parameters (a shared or tied matrix counted once).
     pub fn num_parameters(&self) -> usize {
         let mut n = 0;
-        crate::weights::visit_parameters(self, &mut |_, t| n += t.len());
+        crate::weights::visit_parameters(self, false, &mut |_, t| n += t.len());
         n
     }
 
@@ -216,7 +216,7 @@ impl Transformer {
     /// # Ok::<(), ndtransformer::Error>(())
     /// ```
     pub fn check_finite(&self) -> Result<()> {
-        crate::weights::check_finite_parameters(|f| crate::weights::visit_parameters(self, f))
+        crate::weights::check_finite_parameters(|f| crate::weights::visit_parameters(self, true, f))
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.

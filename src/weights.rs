@@ -26,7 +26,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use half::{bf16, f16};
-use ndarray::{concatenate, s, Array1, Array2, ArrayD, ArrayViewD, Axis, CowArray, IxDyn, Zip};
+use ndarray::{
+    concatenate, s, Array1, Array2, ArrayD, ArrayView1, ArrayViewD, Axis, CowArray, IxDyn, Zip,
+};
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::attention::MultiHeadAttention;
@@ -551,7 +553,9 @@ impl Transformer {
     /// under each of its names, as PyTorch's `state_dict()` lists it.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
-        visit_parameters(self, &mut |name, t| tensors.push((name, F32Tensor::new(t))));
+        visit_parameters(self, true, &mut |name, t| {
+            tensors.push((name, F32Tensor::new(t)))
+        });
         let src = self.src_embedding().weight();
         if self.config().share_embeddings {
             tensors.push((
@@ -580,8 +584,13 @@ impl Transformer {
 
 /// Calls `f` with every distinct parameter under its PyTorch name (a shared or tied matrix
 /// once, under its first name).
+///
+/// With `values` false the untied output projection's weight comes as a zero-stride view of
+/// its shape, for callers that only count: its values live in panels (`ops::pack_panels`), and
+/// the `[tgt_vocab, d_model]` copy would be the largest array of the model made for nothing.
 pub(crate) fn visit_parameters(
     model: &Transformer,
+    values: bool,
     f: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
 ) {
     let mut put = |name: String, t: CowArray<f32, IxDyn>| f(name, t);
@@ -663,13 +672,25 @@ pub(crate) fn visit_parameters(
         norm(&mut put, "transformer.decoder.norm", n);
     }
     if !model.config().tie_output_projection {
-        put("generator.weight".into(), model.output_weight().into_dyn());
+        let zero = ArrayView1::from(&ZERO[..]);
+        let weight = if values {
+            model.output_weight()
+        } else {
+            let shape = (model.config().tgt_vocab, model.config().d_model);
+            zero.broadcast(shape)
+                .expect("a single value broadcasts to any shape")
+                .into()
+        };
+        put("generator.weight".into(), weight.into_dyn());
     }
     put(
         "generator.bias".into(),
         model.generator_bias.view().into_dyn().into(),
     );
 }
+
+/// The value behind the zero-stride views of [`visit_parameters`] when it only counts.
+static ZERO: [f32; 1] = [0.0];
 
 /// Named tensors as safetensors bytes, with PyTorch's `format: pt` metadata.
 pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
