@@ -93,9 +93,6 @@ impl Linear {
     /// The weight, `[out, in]`: a copy in PyTorch's layout of the stored panels.
     pub fn weight(&self) -> Array2<f32> {
         ops::unpack_panels(self.panels.view(), self.out_features)
-            .t()
-            .as_standard_layout()
-            .into_owned()
     }
 
     /// The weight as stored: `Wᵀ` in panels, `[out.div_ceil(128), in, 128]`.

@@ -38,14 +38,9 @@ pub(crate) fn matmul_into(
     gemm_into(a, b, alpha, beta, c, threads_for(a, b));
 }
 
-/// The threads a product of `a` and `b` is spread over: all of the pool's, unless it is too
-/// small to be worth splitting.
+/// The threads a product of `a` and `b` is spread over ([`threads_for_work`]).
 fn threads_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> usize {
-    if a.nrows() * a.ncols() * b.ncols() >= PARALLEL_MIN_WORK {
-        rayon::current_num_threads()
-    } else {
-        1
-    }
+    threads_for_work(a.nrows() * a.ncols() * b.ncols())
 }
 
 /// As [`matmul_into`], on the calling thread only: for products that are themselves run in
@@ -343,10 +338,11 @@ unsafe fn gemm_raw(
 /// front-to-back stream and the blocked kernel takes a panel as an ordinary strided matrix.
 /// Measured on the README's machine with a standalone copy of the few-row kernel (1 thread,
 /// 32 rows × 512 → 2048): with panels of 32, 64 and 128 columns it ran at 140, 134 and 130
-/// GFLOP/s against 93 reading the plain `[k, n]` matrix (whose rows, a power of two apart, share L1 sets, and whose many short
-/// runs the prefetchers follow badly); the blocked kernel called once per panel kept its speed
-/// with 128 columns (1024 rows: 284–302 GFLOP/s at 2 threads against 276–306 for one call on
-/// the plain matrix) but lost 5–10% with 64 and 25% with 32.
+/// GFLOP/s against 93 reading the plain `[k, n]` matrix (whose rows, a power of two apart,
+/// share L1 sets, and whose many short runs the prefetchers follow badly); the blocked kernel
+/// called once per panel kept its speed with 128 columns (1024 rows: 284–302 GFLOP/s at 2
+/// threads against 276–306 for one call on the plain matrix) but lost 5–10% with 64 and 25%
+/// with 32.
 pub(crate) const PANEL: usize = 128;
 
 /// `Wᵀ` (`w_t: [k, n]`) in panels: `[n.div_ceil(PANEL), k, PANEL]`, panel `p` holding columns
@@ -374,14 +370,14 @@ fn panel_view(panels: ArrayView3<f32>, n: usize, p: usize) -> ArrayView2<f32> {
         .slice_move(ndarray::s![.., ..width])
 }
 
-/// `Wᵀ` back from its panels: `[k, n]`.
+/// `W` back from the panels of `Wᵀ` (`n` columns): `[n, k]`, PyTorch's layout, standard.
 pub(crate) fn unpack_panels(panels: ArrayView3<f32>, n: usize) -> Array2<f32> {
     let k = panels.shape()[1];
-    let mut w_t = Array2::zeros((k, n));
-    for (p, mut cols) in w_t.axis_chunks_iter_mut(Axis(1), PANEL).enumerate() {
-        cols.assign(&panel_view(panels, n, p));
+    let mut w = Array2::zeros((n, k));
+    for (p, mut rows) in w.axis_chunks_iter_mut(Axis(0), PANEL).enumerate() {
+        rows.assign(&panel_view(panels, n, p).t());
     }
-    w_t
+    w
 }
 
 /// `c = alpha · a · Wᵀ + beta · c` for a weight in panels ([`pack_panels`]) with `n` columns:
@@ -492,7 +488,8 @@ fn panel_pieces<'a, 'c, T>(
     pieces
 }
 
-/// The threads a product of `work` multiply-adds is spread over.
+/// The threads a product of `work` multiply-adds is spread over: all of the pool's, unless it
+/// is too small to be worth splitting.
 fn threads_for_work(work: usize) -> usize {
     if work >= PARALLEL_MIN_WORK {
         rayon::current_num_threads()
@@ -994,15 +991,15 @@ pub(crate) fn linear(
         Weight::Plain(w) => w.nrows(),
         Weight::Panels(_, n) => n,
     };
-    let fresh = match w {
-        Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
-        Weight::Panels(panels, n) => {
-            !cfg!(target_arch = "x86_64")
-                || !uses_tile(rows)
+    let fresh = rows * out > 0
+        && match w {
+            Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
+            Weight::Panels(panels, n) => {
+                !uses_tile(rows)
                     && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
-        }
-    };
-    if fresh && rows * out > 0 {
+            }
+        };
+    if fresh {
         let mut y = match w {
             Weight::Plain(w) => blocked_product_fresh(x, w.t(), threads_for(x, w.t())),
             Weight::Panels(panels, n) => panels_product_fresh(x, panels, n),
@@ -1514,11 +1511,13 @@ mod tests {
             (20, 33, 129),
             (3, 5, 1),
             (64, 16, 256),
+            (300, 5, 0),
+            (3, 5, 0),
         ] {
             let (a, w_t) = operands(m, k, n);
             let panels = pack_panels(w_t.view());
             assert_eq!(panels.dim(), (n.div_ceil(PANEL), k, PANEL));
-            assert_eq!(unpack_panels(panels.view(), n), w_t);
+            assert_eq!(unpack_panels(panels.view(), n), w_t.t());
             let mut expected = Array2::zeros((m, n));
             blocked_product(a.view(), w_t.view(), 1.0, 0.0, &mut expected.view_mut(), 1);
             let mut y = Array2::from_elem((m, n), f32::NAN);
@@ -1527,6 +1526,13 @@ mod tests {
             if m > 64 {
                 assert_eq!(panels_product_fresh(a.view(), panels.view(), n), y);
             }
+            let y = linear(
+                a.view(),
+                Weight::Panels(panels.view(), n),
+                None,
+                Epilogue::Bias,
+            );
+            assert_abs_diff_eq!(y, expected, epsilon = 1e-4);
         }
     }
 

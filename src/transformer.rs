@@ -183,11 +183,7 @@ impl Transformer {
     /// An untied weight is stored in the panels its products read and comes back as a copy.
     pub fn output_weight(&self) -> CowArray<'_, f32, Ix2> {
         match &self.generator_panels {
-            Some(panels) => ops::unpack_panels(panels.view(), self.config.tgt_vocab)
-                .t()
-                .as_standard_layout()
-                .into_owned()
-                .into(),
+            Some(panels) => ops::unpack_panels(panels.view(), self.config.tgt_vocab).into(),
             None => self.tgt_embedding().weight().into(),
         }
     }
