@@ -30,6 +30,7 @@ use crate::encoder::{Encoder, EncoderLayer};
 use crate::encoder_model::EncoderModel;
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
+use crate::linear::Linear;
 use crate::weights::{
     visit_input, visit_linear, visit_norm, F32Tensor, LoadOptions, Reader, Visitor,
 };
@@ -221,7 +222,9 @@ impl EncoderModel {
     /// [`Error::Safetensors`] if serialisation fails.
     pub fn to_hf_bert_safetensors(&self) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
-        visit_parameters(self, &mut |name, t| tensors.push((name, F32Tensor::new(t))));
+        visit_parameters(self, true, &mut |name, t| {
+            tensors.push((name, F32Tensor::new(t)))
+        });
         crate::weights::serialize(tensors)
     }
 }
@@ -234,9 +237,11 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-/// Calls `f` with every parameter of an encoder-only model under its Hugging Face BERT name.
-pub(crate) fn visit_parameters(model: &EncoderModel, f: &mut Visitor) {
-    let (linear, norm) = (visit_linear, visit_norm);
+/// Calls `f` with every parameter of an encoder-only model under its Hugging Face BERT name;
+/// with `values` false the linear layers' weights come as shape-only views (for counting).
+pub(crate) fn visit_parameters(model: &EncoderModel, values: bool, f: &mut Visitor) {
+    let linear = |f: &mut Visitor, name: &str, l: &Linear| visit_linear(f, values, name, l);
+    let norm = visit_norm;
     f(
         "embeddings.word_embeddings.weight".into(),
         model.tokens.weight().into_dyn().into(),

@@ -133,7 +133,7 @@ impl EncoderModel {
     /// Number of parameters.
     pub fn num_parameters(&self) -> usize {
         let mut n = 0;
-        crate::bert::visit_parameters(self, &mut |_, t| n += t.len());
+        crate::bert::visit_parameters(self, false, &mut |_, t| n += t.len());
         n
     }
 
@@ -143,7 +143,7 @@ impl EncoderModel {
     /// # Errors
     /// [`Error::NonFinite`].
     pub fn check_finite(&self) -> Result<()> {
-        crate::weights::check_finite_parameters(|f| crate::bert::visit_parameters(self, f))
+        crate::weights::check_finite_parameters(|f| crate::bert::visit_parameters(self, true, f))
     }
 
     /// The encoder's input: token embeddings, positions and types, normed if configured.

@@ -27,7 +27,8 @@ use std::path::Path;
 
 use half::{bf16, f16};
 use ndarray::{
-    concatenate, s, Array1, Array2, ArrayD, ArrayView1, ArrayViewD, Axis, CowArray, IxDyn, Zip,
+    concatenate, s, Array1, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, CowArray, IxDyn,
+    ShapeBuilder, Zip,
 };
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 
@@ -585,9 +586,8 @@ impl Transformer {
 /// Calls `f` with every distinct parameter under its PyTorch name (a shared or tied matrix
 /// once, under its first name).
 ///
-/// With `values` false the untied output projection's weight comes as a zero-stride view of
-/// its shape, for callers that only count: its values live in panels (`ops::pack_panels`), and
-/// the `[tgt_vocab, d_model]` copy would be the largest array of the model made for nothing.
+/// With `values` false the weights stored in panels come as shape-only views ([`stored_weight`]),
+/// for callers that only count.
 pub(crate) fn visit_parameters(
     model: &Transformer,
     values: bool,
@@ -601,36 +601,33 @@ pub(crate) fn visit_parameters(
     if let Some(t) = &model.tgt_embed {
         put("tgt_embed.weight".into(), t.weight().into_dyn().into());
     }
-    let (linear, norm) = (visit_linear, visit_norm);
+    let linear = |f: &mut Visitor, name: &str, l: &Linear| visit_linear(f, values, name, l);
+    let norm = visit_norm;
     visit_input(
         &mut put,
         &model.input,
         model.config().embedding.positions,
         ["pos_embed", "type_embed", "embed_norm"],
     );
-    let attention = |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
-                     name: &str,
-                     a: &MultiHeadAttention| {
-        let [q, k, v, out] = a.projections();
-        let (q_w, k_w, v_w) = (q.weight(), k.weight(), v.weight());
-        let w = concatenate(Axis(0), &[q_w.view(), k_w.view(), v_w.view()]).expect("equal widths");
-        put(format!("{name}.in_proj_weight"), w.into_dyn().into());
-        let bias = |l: &Linear| {
-            l.bias()
-                .map(|b| b.to_owned())
-                .unwrap_or_else(|| Array1::zeros(l.out_features()))
+    let attention =
+        |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, a: &MultiHeadAttention| {
+            let [q, k, v, out] = a.projections();
+            let rows = q.out_features() + k.out_features() + v.out_features();
+            let w = stored_weight(values, (rows, q.in_features()), || {
+                let (q_w, k_w, v_w) = (q.weight(), k.weight(), v.weight());
+                concatenate(Axis(0), &[q_w.view(), k_w.view(), v_w.view()]).expect("equal widths")
+            });
+            put(format!("{name}.in_proj_weight"), w);
+            let bias = |l: &Linear| {
+                l.bias()
+                    .map(|b| b.to_owned())
+                    .unwrap_or_else(|| Array1::zeros(l.out_features()))
+            };
+            let b = concatenate(Axis(0), &[bias(q).view(), bias(k).view(), bias(v).view()])
+                .expect("1-D");
+            put(format!("{name}.in_proj_bias"), b.into_dyn().into());
+            linear(put, &format!("{name}.out_proj"), out);
         };
-        let b =
-            concatenate(Axis(0), &[bias(q).view(), bias(k).view(), bias(v).view()]).expect("1-D");
-        put(format!("{name}.in_proj_bias"), b.into_dyn().into());
-        put(
-            format!("{name}.out_proj.weight"),
-            out.weight().into_dyn().into(),
-        );
-        if let Some(b) = out.bias() {
-            put(format!("{name}.out_proj.bias"), b.into_dyn().into());
-        }
-    };
     for (i, layer) in model.encoder.layers.iter().enumerate() {
         let p = format!("transformer.encoder.layers.{i}");
         attention(&mut put, &format!("{p}.self_attn"), &layer.self_attn);
@@ -672,16 +669,9 @@ pub(crate) fn visit_parameters(
         norm(&mut put, "transformer.decoder.norm", n);
     }
     if !model.config().tie_output_projection {
-        let zero = ArrayView1::from(&ZERO[..]);
-        let weight = if values {
-            model.output_weight()
-        } else {
-            let shape = (model.config().tgt_vocab, model.config().d_model);
-            zero.broadcast(shape)
-                .expect("a single value broadcasts to any shape")
-                .into()
-        };
-        put("generator.weight".into(), weight.into_dyn());
+        let shape = (model.config().tgt_vocab, model.config().d_model);
+        let weight = stored_weight(values, shape, || model.output_weight().into_owned());
+        put("generator.weight".into(), weight);
     }
     put(
         "generator.bias".into(),
@@ -689,8 +679,24 @@ pub(crate) fn visit_parameters(
     );
 }
 
-/// The value behind the zero-stride views of [`visit_parameters`] when it only counts.
-static ZERO: [f32; 1] = [0.0];
+/// A weight stored in panels (`ops::pack_panels`) as a visit hands it over: its values from
+/// `copy` (in PyTorch's layout), or with `values` false a zero-stride view of `shape` that
+/// copies nothing, for visits that only count.
+fn stored_weight(
+    values: bool,
+    shape: (usize, usize),
+    copy: impl FnOnce() -> Array2<f32>,
+) -> CowArray<'static, f32, IxDyn> {
+    static ZERO: [f32; 1] = [0.0];
+    if values {
+        copy().into_dyn().into()
+    } else {
+        ArrayView2::from_shape(shape.strides((0, 0)), &ZERO[..])
+            .expect("zero strides address the one value")
+            .into_dyn()
+            .into()
+    }
+}
 
 /// Named tensors as safetensors bytes, with PyTorch's `format: pt` metadata.
 pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
@@ -701,9 +707,13 @@ pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
 /// Receives every parameter of a model under its name in the weights file.
 pub(crate) type Visitor<'a> = dyn FnMut(String, CowArray<f32, IxDyn>) + 'a;
 
-/// `{name}.weight` and `{name}.bias` of a linear layer.
-pub(crate) fn visit_linear(f: &mut Visitor, name: &str, l: &Linear) {
-    f(format!("{name}.weight"), l.weight().into_dyn().into());
+/// `{name}.weight` and `{name}.bias` of a linear layer (the weight as [`stored_weight`] gives it).
+pub(crate) fn visit_linear(f: &mut Visitor, values: bool, name: &str, l: &Linear) {
+    let shape = (l.out_features(), l.in_features());
+    f(
+        format!("{name}.weight"),
+        stored_weight(values, shape, || l.weight()),
+    );
     if let Some(b) = l.bias() {
         f(format!("{name}.bias"), b.into_dyn().into());
     }
