@@ -480,8 +480,11 @@ fn panels_product_fresh(
     unsafe { c.assume_init() }
 }
 
-/// Rows of `a` one piece of [`panel_pieces`] takes.
-const PIECE_ROWS: usize = 256;
+/// Rows of `a` one piece of [`panel_pieces`] takes: 512 rows of 512 inputs (1 MiB) stay in a
+/// core's L2 from panel to panel. The full forward of the README's batch measured 462–472 ms
+/// with 512, 476–483 with 256, 496 with 128 and 488 with the whole batch in one piece (runs
+/// alternating them in one process).
+const PIECE_ROWS: usize = 512;
 
 /// One product of [`panel_pieces`]: `c = a · panel`, where `panel` holds the output columns
 /// `cols`.
@@ -495,11 +498,11 @@ struct Piece<'a, 'c, T> {
 /// The products `a · panel` a weight in panels splits into, with the block of `c` each writes:
 /// one per panel and per [`PIECE_ROWS`] rows of `a`, listed block of rows by block of rows.
 /// Spread over the threads in that order, each thread works through whole rows of the output,
-/// its rows of `a` staying in cache from panel to panel: the full forward of the README's
-/// batch measured 475 and 486 ms against 503 and 504 listing them panel by panel (with all
-/// rows in one piece when there are eight panels or more), in runs alternating the two in one
-/// process. A `[512, 512]` weight, with four panels, still gives two threads or more even
-/// work. The split depends on the shapes alone, so results do not depend on the thread count.
+/// its rows of `a` staying in cache from panel to panel: with 256-row pieces the full forward
+/// of the README's batch measured 475 and 486 ms against 503 and 504 listing them panel by
+/// panel (all rows in one piece when there are eight panels or more), in runs alternating the
+/// two in one process. The split depends on the shapes alone, so results do not depend on the
+/// thread count.
 fn panel_pieces<'a, 'c, T>(
     a: ArrayView2<'a, f32>,
     panels: ArrayView3<'a, f32>,
@@ -1551,6 +1554,7 @@ mod tests {
         // others the tile kernel (with AVX-512) or the other kernels panel by panel.
         for (m, k, n) in [
             (300, 40, 2000),
+            (600, 9, 300),
             (300, 7, 130),
             (20, 33, 129),
             (3, 5, 1),
@@ -1586,9 +1590,9 @@ mod tests {
 
     #[test]
     fn batch_linear_layers_written_into_fresh_memory_match_the_filled_path() {
-        // 300 rows take the blocked kernel's fresh-output path; the reference fills the bias
+        // 600 rows take the blocked kernel's fresh-output path; the reference fills the bias
         // first and adds the product (beta = 1), the path of fewer rows. Same floats expected.
-        let x = Array2::from_shape_fn((300, 40), |(i, j)| {
+        let x = Array2::from_shape_fn((600, 40), |(i, j)| {
             ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5
         });
         let w = Array2::from_shape_fn((2000, 40), |(o, i)| ((o * 5 + i) % 13) as f32 * 0.05 - 0.3);
@@ -1596,7 +1600,7 @@ mod tests {
         let panels = pack_panels(w.t());
         for epilogue in [Epilogue::Bias, Epilogue::BiasRelu, Epilogue::BiasGelu] {
             let y = linear(x.view(), Weight::Plain(w.view()), Some(b.view()), epilogue);
-            let mut expected = Array2::from_shape_fn((300, 2000), |(_, o)| b[o]);
+            let mut expected = Array2::from_shape_fn((600, 2000), |(_, o)| b[o]);
             blocked_product(x.view(), w.t(), 1.0, 1.0, &mut expected.view_mut(), 2);
             activate_rows(&mut expected, epilogue);
             assert_eq!(y, expected, "{epilogue:?}");
@@ -1607,7 +1611,7 @@ mod tests {
                 Some(b.view()),
                 epilogue,
             );
-            let mut expected = Array2::from_shape_fn((300, 2000), |(_, o)| b[o]);
+            let mut expected = Array2::from_shape_fn((600, 2000), |(_, o)| b[o]);
             panels_product_into(
                 x.view(),
                 panels.view(),
@@ -1620,7 +1624,7 @@ mod tests {
             assert_eq!(y, expected, "{epilogue:?} over panels");
         }
         let no_bias = linear(x.view(), Weight::Plain(w.view()), None, Epilogue::Bias);
-        let mut expected = Array2::zeros((300, 2000));
+        let mut expected = Array2::zeros((600, 2000));
         blocked_product(x.view(), w.t(), 1.0, 0.0, &mut expected.view_mut(), 1);
         assert_eq!(no_bias, expected);
         for weight in [
