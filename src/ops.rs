@@ -611,7 +611,7 @@ fn tile_product(
     let run = |(unit, mut c_unit): (usize, ArrayViewMut2<f32>)| {
         // Each thread packs its own copy: one packed by another core would be read line by
         // line out of that core's cache (3% of a decoding step, measured).
-        let a_tiles = pack_row_tiles(a, row_tiles);
+        let a_tiles = pack_row_tiles(simd, a, row_tiles);
         let first = unit * strips_per_unit;
         let unit_strips = c_unit.ncols().div_ceil(TILE_N);
         let mut sums = vec![TileSums::ZERO; PANEL_STRIPS * row_tiles];
@@ -693,20 +693,87 @@ fn tile_product(
 /// The rows of `a` as `[row tile][k]` groups of [`TILE_M`] values (one per row of the tile),
 /// zero rows padding the last tile.
 #[cfg(target_arch = "x86_64")]
-fn pack_row_tiles(a: ArrayView2<f32>, row_tiles: usize) -> Vec<[f32; TILE_M]> {
+fn pack_row_tiles(simd: pulp::x86::V4, a: ArrayView2<f32>, row_tiles: usize) -> Vec<[f32; TILE_M]> {
     let k = a.ncols();
     let mut tiles = vec![[0.0f32; TILE_M]; row_tiles * k];
     for (tile, rows) in tiles
         .chunks_exact_mut(k.max(1))
         .zip(a.axis_chunks_iter(Axis(0), TILE_M))
     {
-        for (i, row) in rows.rows().into_iter().enumerate() {
-            for (group, &v) in tile.iter_mut().zip(row) {
-                group[i] = v;
+        let slices: Option<Vec<&[f32]>> = rows.rows().into_iter().map(|r| r.to_slice()).collect();
+        match slices.and_then(|s| <[&[f32]; TILE_M]>::try_from(s).ok()) {
+            Some(full) => transpose_rows(simd, full, tile),
+            None => {
+                for (i, row) in rows.rows().into_iter().enumerate() {
+                    for (group, &v) in tile.iter_mut().zip(row) {
+                        group[i] = v;
+                    }
+                }
             }
         }
     }
     tiles
+}
+
+/// `out[r][i] = rows[i][r]` for the [`TILE_M`] (eight) rows of a full tile, eight columns at a
+/// time by register shuffles. Element by element, packing took about a tenth of a 32-token
+/// encoder pass; with the shuffles the pass measured 5.62 → 5.19 ms at 2 threads.
+#[cfg(target_arch = "x86_64")]
+fn transpose_rows(simd: pulp::x86::V4, rows: [&[f32]; TILE_M], out: &mut [[f32; TILE_M]]) {
+    use pulp::bytemuck::cast;
+    use std::arch::x86_64::__m256;
+    let avx = simd.avx;
+    let full = out.len() / TILE_M * TILE_M;
+    simd.vectorize(
+        #[inline(always)]
+        || {
+            for (r0, out) in (0..full).step_by(TILE_M).zip(out.chunks_exact_mut(TILE_M)) {
+                let r: [__m256; TILE_M] = rows.map(|row| {
+                    let values: [f32; TILE_M] = row[r0..r0 + TILE_M].try_into().expect("8 values");
+                    cast(values)
+                });
+                // Pairs, then quads, then halves: the classic 8 × 8 transposition.
+                let t = [
+                    avx._mm256_unpacklo_ps(r[0], r[1]),
+                    avx._mm256_unpackhi_ps(r[0], r[1]),
+                    avx._mm256_unpacklo_ps(r[2], r[3]),
+                    avx._mm256_unpackhi_ps(r[2], r[3]),
+                    avx._mm256_unpacklo_ps(r[4], r[5]),
+                    avx._mm256_unpackhi_ps(r[4], r[5]),
+                    avx._mm256_unpacklo_ps(r[6], r[7]),
+                    avx._mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                let q = [
+                    avx._mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    avx._mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    avx._mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    avx._mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    avx._mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    avx._mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    avx._mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    avx._mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                let columns: [__m256; TILE_M] = [
+                    avx._mm256_permute2f128_ps::<0x20>(q[0], q[4]),
+                    avx._mm256_permute2f128_ps::<0x20>(q[1], q[5]),
+                    avx._mm256_permute2f128_ps::<0x20>(q[2], q[6]),
+                    avx._mm256_permute2f128_ps::<0x20>(q[3], q[7]),
+                    avx._mm256_permute2f128_ps::<0x31>(q[0], q[4]),
+                    avx._mm256_permute2f128_ps::<0x31>(q[1], q[5]),
+                    avx._mm256_permute2f128_ps::<0x31>(q[2], q[6]),
+                    avx._mm256_permute2f128_ps::<0x31>(q[3], q[7]),
+                ];
+                for (out_r, column) in out.iter_mut().zip(columns) {
+                    *out_r = cast(column);
+                }
+            }
+        },
+    );
+    for (r, out_r) in out.iter_mut().enumerate().skip(full) {
+        for (i, row) in rows.iter().enumerate() {
+            out_r[i] = row[r];
+        }
+    }
 }
 
 /// One register tile's partial sums, on a cache line boundary so that each of its sixteen
@@ -1796,6 +1863,30 @@ mod tests {
                         threads,
                     );
                     assert_eq!(many, one, "{m}x{k}x{n} on {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_tiles_hold_each_row_tile_transposed_whatever_the_layout() {
+        let Some(simd) = pulp::x86::V4::try_new() else {
+            return; // no AVX-512 here: tile_product never runs
+        };
+        for (m, k) in [(8, 16), (13, 37), (3, 5), (20, 512)] {
+            let a = Array2::from_shape_fn((m, k), |(i, r)| (i * 1000 + r) as f32);
+            let columns = a.t().as_standard_layout().into_owned();
+            let strided = columns.t();
+            assert!(strided.row(0).as_slice().is_none());
+            let tiles = pack_row_tiles(simd, a.view(), m.div_ceil(TILE_M));
+            assert_eq!(tiles, pack_row_tiles(simd, strided, m.div_ceil(TILE_M)));
+            for (t, tile) in tiles.chunks_exact(k).enumerate() {
+                for (r, group) in tile.iter().enumerate() {
+                    for (i, &v) in group.iter().enumerate() {
+                        let row = t * TILE_M + i;
+                        let expected = if row < m { a[[row, r]] } else { 0.0 };
+                        assert_eq!(v, expected, "{m}x{k}: tile {t}, column {r}, row {i}");
+                    }
                 }
             }
         }
