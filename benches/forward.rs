@@ -73,6 +73,15 @@ fn bench_model(c: &mut Criterion) {
     group.bench_function("forward_logits_8x128", |b| {
         b.iter(|| black_box(model.forward(src.view(), tgt.view(), None, None).unwrap()))
     });
+    let mut logits = Array3::zeros((8, 128, VOCAB));
+    group.bench_function("forward_logits_into_8x128", |b| {
+        b.iter(|| {
+            model
+                .forward_into(src.view(), tgt.view(), None, None, logits.view_mut())
+                .unwrap();
+            black_box(&logits);
+        })
+    });
     group.throughput(Throughput::Elements(
         layers * encoder_layer_flops(&config, 1, 32),
     ));

@@ -454,21 +454,7 @@ fn panels_product_fresh(
         // product's sum, or zero when k = 0.
         unsafe { gemm_raw(a, panel, 1.0, 0.0, c.as_mut_ptr().cast::<f32>(), strides, 1) }
         // SAFETY: every element of the piece was written just above.
-        let mut c = unsafe { c.assume_init() };
-        match bias {
-            Some(b) => {
-                let b = b.slice(ndarray::s![cols]);
-                for row in c.rows_mut() {
-                    with_slice(row, |row| add_bias_activate(row, b, epilogue));
-                }
-            }
-            None if epilogue != Epilogue::Bias => {
-                for row in c.rows_mut() {
-                    with_slice(row, |row| activate(row, epilogue));
-                }
-            }
-            None => {}
-        }
+        finish_piece(unsafe { c.assume_init() }, bias, cols, epilogue);
     };
     if threads_for_work(m * k * n) > 1 {
         pieces.into_par_iter().for_each(run);
@@ -478,6 +464,59 @@ fn panels_product_fresh(
     // SAFETY: the pieces cover every element of `c` (every panel, every row block), and each
     // was written above.
     unsafe { c.assume_init() }
+}
+
+/// `epilogue(x · wᵀ + bias)` written into `y` (any contents, overwritten) for a weight in
+/// panels and a batch of rows: the same pieces and the same floats as
+/// [`panels_product_fresh`], into the caller's memory.
+fn panels_product_biased_into(
+    a: ArrayView2<f32>,
+    panels: ArrayView3<f32>,
+    n: usize,
+    bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
+    y: ArrayViewMut2<f32>,
+) {
+    let (m, k) = a.dim();
+    let run = |Piece {
+                   a,
+                   panel,
+                   mut c,
+                   cols,
+               }: Piece<f32>| {
+        // beta = 0: `c` is only written, whatever it held.
+        blocked_product(a, panel, 1.0, 0.0, &mut c, 1);
+        finish_piece(c, bias, cols, epilogue);
+    };
+    let pieces = panel_pieces(a, panels, n, y);
+    if threads_for_work(m * k * n) > 1 {
+        pieces.into_par_iter().for_each(run);
+    } else {
+        pieces.into_iter().for_each(run);
+    }
+}
+
+/// A piece's bias (its columns `cols` of it) and activation, added right after its product.
+fn finish_piece(
+    mut c: ArrayViewMut2<f32>,
+    bias: Option<ArrayView1<f32>>,
+    cols: std::ops::Range<usize>,
+    epilogue: Epilogue,
+) {
+    match bias {
+        Some(b) => {
+            let b = b.slice(ndarray::s![cols]);
+            for row in c.rows_mut() {
+                with_slice(row, |row| add_bias_activate(row, b, epilogue));
+            }
+        }
+        None if epilogue != Epilogue::Bias => {
+            for row in c.rows_mut() {
+                with_slice(row, |row| activate(row, epilogue));
+            }
+        }
+        None => {}
+    }
 }
 
 /// Rows of `a` one piece of [`panel_pieces`] takes: 512 rows of 512 inputs (1 MiB) stay in a
@@ -1124,7 +1163,7 @@ pub(crate) fn linear(
                 .with_min_len(16)
                 .for_each(|row| with_slice(row, |row| add_bias_activate(row, b, epilogue)));
         } else if epilogue != Epilogue::Bias {
-            activate_rows(&mut y, epilogue);
+            activate_rows(y.view_mut(), epilogue);
         }
         return y;
     }
@@ -1157,9 +1196,67 @@ pub(crate) fn linear(
         }
     }
     if epilogue != Epilogue::Bias {
-        activate_rows(&mut y, epilogue);
+        activate_rows(y.view_mut(), epilogue);
     }
     y
+}
+
+/// [`linear`] written into `y: [rows, out]` (whatever it holds), the same floats: for a caller
+/// that keeps its output buffer from call to call (a batch's logits are 131 MB, which fresh
+/// memory must have the kernel zero first, page by page).
+pub(crate) fn linear_into(
+    x: ArrayView2<f32>,
+    w: Weight,
+    bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
+    mut y: ArrayViewMut2<f32>,
+) {
+    let rows = x.nrows();
+    let out = match w {
+        Weight::Plain(w) => w.nrows(),
+        Weight::Panels(_, n) => n,
+    };
+    assert_eq!(y.dim(), (rows, out), "output is [rows, out]");
+    if rows * out == 0 {
+        return;
+    }
+    if let Weight::Panels(panels, n) = w {
+        if !uses_tile(rows) && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked) {
+            return panels_product_biased_into(x, panels, n, bias, epilogue, y);
+        }
+    }
+    if let Weight::Plain(w) = w {
+        if matches!(kernel_for(x, w.t()), Kernel::Blocked) {
+            blocked_product(x, w.t(), 1.0, 0.0, &mut y, threads_for(x, w.t()));
+            y.axis_iter_mut(Axis(0))
+                .into_par_iter()
+                .with_min_len(16)
+                .for_each(|row| {
+                    with_slice(row, |row| match bias {
+                        Some(b) => add_bias_activate(row, b, epilogue),
+                        None => activate(row, epilogue),
+                    })
+                });
+            return;
+        }
+    }
+    // Few rows: the bias first, the product added to it, as in `linear`.
+    match bias {
+        Some(b) => y
+            .axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .with_min_len(16)
+            .for_each(|mut row| row.assign(&b)),
+        None => y.fill(0.0),
+    }
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    match w {
+        Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y),
+        Weight::Panels(panels, n) => panels_product_into(x, panels, n, 1.0, beta, &mut y),
+    }
+    if epilogue != Epilogue::Bias {
+        activate_rows(y, epilogue);
+    }
 }
 
 /// Whether a product of `rows` rows with a weight in panels runs on [`tile_product`].
@@ -1181,7 +1278,7 @@ const PARALLEL_FILL: usize = 1 << 22;
 
 /// The epilogue's activation on every row of `y`, which already holds `x · wᵀ + b`; rows in
 /// parallel.
-fn activate_rows(y: &mut Array2<f32>, epilogue: Epilogue) {
+fn activate_rows(mut y: ArrayViewMut2<f32>, epilogue: Epilogue) {
     y.axis_iter_mut(Axis(0))
         .into_par_iter()
         .with_min_len(16)
@@ -1669,7 +1766,7 @@ mod tests {
             let y = linear(x.view(), Weight::Plain(w.view()), Some(b.view()), epilogue);
             let mut expected = Array2::from_shape_fn((600, 2000), |(_, o)| b[o]);
             blocked_product(x.view(), w.t(), 1.0, 1.0, &mut expected.view_mut(), 2);
-            activate_rows(&mut expected, epilogue);
+            activate_rows(expected.view_mut(), epilogue);
             assert_eq!(y, expected, "{epilogue:?}");
             assert!(y.is_standard_layout());
             let y = linear(
@@ -1687,7 +1784,7 @@ mod tests {
                 1.0,
                 &mut expected.view_mut(),
             );
-            activate_rows(&mut expected, epilogue);
+            activate_rows(expected.view_mut(), epilogue);
             assert_eq!(y, expected, "{epilogue:?} over panels");
         }
         let no_bias = linear(x.view(), Weight::Plain(w.view()), None, Epilogue::Bias);

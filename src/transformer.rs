@@ -4,7 +4,8 @@
 use std::hash::{Hash, Hasher};
 
 use ndarray::{
-    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, Axis, CowArray, Ix2,
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut3, Axis,
+    CowArray, Ix2,
 };
 use rand::Rng;
 
@@ -358,18 +359,74 @@ impl Transformer {
             .view()
             .into_shape_with_order((b * len, d))
             .expect("standard layout");
-        let weight = match &self.generator_panels {
-            Some(panels) => ops::Weight::Panels(panels.view(), self.config.tgt_vocab),
-            None => ops::Weight::Plain(self.tgt_embedding().weight()),
-        };
         ops::linear(
             flat,
-            weight,
+            self.generator_weight(),
             Some(self.generator_bias.view()),
             ops::Epilogue::Bias,
         )
         .into_shape_with_order((b, len, self.config.tgt_vocab))
         .expect("same element count")
+    }
+
+    /// The output projection's weight as the kernels take it.
+    fn generator_weight(&self) -> ops::Weight<'_> {
+        match &self.generator_panels {
+            Some(panels) => ops::Weight::Panels(panels.view(), self.config.tgt_vocab),
+            None => ops::Weight::Plain(self.tgt_embedding().weight()),
+        }
+    }
+
+    /// [`project`](Self::project) written into `logits`, a buffer the caller keeps from call to
+    /// call: the same numbers, without a new `[batch, tgt_len, tgt_vocab]` array each time
+    /// (for the README's batch, 131 MB that the operating system must hand over zeroed).
+    ///
+    /// # Shapes
+    /// - `decoded`: `[batch, tgt_len, d_model]`
+    /// - `logits`: `[batch, tgt_len, tgt_vocab]`, any contents (overwritten)
+    ///
+    /// # Errors
+    /// A `decoded` of the wrong width or with no rows, or `logits` of another shape.
+    pub fn project_into(&self, decoded: ArrayView3<f32>, logits: ArrayViewMut3<f32>) -> Result<()> {
+        crate::encoder::check_input(decoded, self.config.d_model, "decoder output")?;
+        self.check_logits(decoded.shape()[0], decoded.shape()[1], logits.shape())?;
+        self.project_into_unchecked(decoded, logits);
+        Ok(())
+    }
+
+    fn check_logits(&self, batch: usize, tgt_len: usize, found: &[usize]) -> Result<()> {
+        let vocab = self.config.tgt_vocab;
+        if found != [batch, tgt_len, vocab] {
+            return Err(Error::shape(
+                "logits",
+                format!("[batch, tgt_len, tgt_vocab] = [{batch}, {tgt_len}, {vocab}]"),
+                found,
+            ));
+        }
+        Ok(())
+    }
+
+    fn project_into_unchecked(&self, decoded: ArrayView3<f32>, mut logits: ArrayViewMut3<f32>) {
+        if !logits.is_standard_layout() {
+            logits.assign(&self.project_unchecked(decoded));
+            return;
+        }
+        let (b, len, d) = decoded.dim();
+        let decoded = decoded.as_standard_layout();
+        let flat = decoded
+            .view()
+            .into_shape_with_order((b * len, d))
+            .expect("standard layout");
+        let logits = logits
+            .into_shape_with_order((b * len, self.config.tgt_vocab))
+            .expect("standard layout, checked above");
+        ops::linear_into(
+            flat,
+            self.generator_weight(),
+            Some(self.generator_bias.view()),
+            ops::Epilogue::Bias,
+            logits,
+        );
     }
 
     /// The full model: logits for every target position (teacher forcing).
@@ -392,6 +449,31 @@ impl Transformer {
         let memory = self.encode(src, src_padding)?;
         let decoded = self.decode(tgt, memory.view(), src_padding, tgt_padding)?;
         Ok(self.project_unchecked(decoded.view()))
+    }
+
+    /// [`forward`](Self::forward) written into `logits`, a buffer the caller keeps from call to
+    /// call (a serving loop): the same numbers, without a new array of logits each time.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward); `logits`: `[batch, tgt_len, tgt_vocab]`, any contents
+    /// (overwritten).
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and `logits` of another shape (checked first).
+    pub fn forward_into(
+        &self,
+        src: ArrayView2<u32>,
+        tgt: ArrayView2<u32>,
+        src_padding: Option<&KeyPaddingMask>,
+        tgt_padding: Option<&KeyPaddingMask>,
+        logits: ArrayViewMut3<f32>,
+    ) -> Result<()> {
+        check_same_batch(src, tgt)?;
+        self.check_logits(tgt.nrows(), tgt.ncols(), logits.shape())?;
+        let memory = self.encode(src, src_padding)?;
+        let decoded = self.decode(tgt, memory.view(), src_padding, tgt_padding)?;
+        self.project_into_unchecked(decoded.view(), logits);
+        Ok(())
     }
 
     /// Log-probabilities over the target vocabulary, `log softmax(forward(..))`, computed stably.
@@ -605,6 +687,54 @@ mod tests {
             num_decoder_layers: 2,
             max_len: 16,
             ..TransformerConfig::base(9, 7)
+        }
+    }
+
+    #[test]
+    fn logits_into_a_kept_buffer_equal_new_ones() {
+        // 3 × 30 = 90 rows take the batch kernels, 2 × 5 the few-row ones; a vocabulary of 300
+        // ends in a partial panel; tied output projections use the embedding table as it is.
+        for tie in [false, true] {
+            let config = TransformerConfig {
+                max_len: 32,
+                share_embeddings: tie,
+                tie_output_projection: tie,
+                ..TransformerConfig {
+                    src_vocab: 300,
+                    tgt_vocab: 300,
+                    ..tiny()
+                }
+            };
+            let model = Transformer::new(config, &mut StdRng::seed_from_u64(3)).unwrap();
+            for (batch, len) in [(3, 30), (2, 5)] {
+                let ids =
+                    Array2::from_shape_fn((batch, len), |(b, t)| (b * 37 + t * 11) as u32 % 300);
+                let expected = model.forward(ids.view(), ids.view(), None, None).unwrap();
+                let mut logits = Array3::from_elem((batch, len, 300), f32::NAN);
+                model
+                    .forward_into(ids.view(), ids.view(), None, None, logits.view_mut())
+                    .unwrap();
+                assert_eq!(logits, expected, "tie {tie}, {batch} x {len}");
+                // A buffer in another layout gets the same values.
+                let mut columns = Array3::from_elem((300, len, batch), f32::NAN);
+                let mut view = columns.view_mut().reversed_axes();
+                model
+                    .forward_into(ids.view(), ids.view(), None, None, view.view_mut())
+                    .unwrap();
+                assert_eq!(view, expected);
+                let wrong = model.forward_into(
+                    ids.view(),
+                    ids.view(),
+                    None,
+                    None,
+                    Array3::zeros((batch, len, 299)).view_mut(),
+                );
+                let message = wrong.unwrap_err().to_string();
+                assert!(
+                    message.contains("logits") && message.contains("299"),
+                    "{message}"
+                );
+            }
         }
     }
 

@@ -115,6 +115,7 @@ def main() -> None:
     for label, ours_id, torch_key in [
         ("encoder, batch 8 × 128", "encoder_8x128", "encoder_8x128"),
         ("full forward to logits, 8 × 128 → 8 × 128", "forward_logits_8x128", "full_forward_8x128_vocab32000"),
+        ("  the same into a kept logits buffer", "forward_logits_into_8x128", "full_forward_into_8x128_vocab32000"),
         ("encoder latency, 1 × 32", "encoder_1x32", "encoder_latency_1x32"),
     ]:
         ms, work = criterion_result("model", ours_id)

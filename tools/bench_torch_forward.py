@@ -12,6 +12,8 @@ Workloads:
 * ``full_forward_8x128_vocab32000``: token ids to logits (embedding * sqrt(d) + sinusoidal PE,
   encoder, decoder with causal mask, generator to a 32000-token vocabulary), source and target
   both 8 x 128 tokens;
+* ``full_forward_into_8x128_vocab32000``: the same, the logits written into a tensor kept from
+  call to call (``torch.addmm(..., out=)``);
 * ``encoder_latency_1x32``: the encoder stack on a single sequence of 32 tokens.
 
 Each workload is run ``--warmup`` times untimed, then ``--runs`` times; the median wall time in
@@ -76,9 +78,11 @@ def workloads(model: Seq2Seq) -> dict[str, Callable[[], object]]:
     src_ids = torch.randint(0, PAPER_BASE.src_vocab, (8, 128), generator=gen)
     tgt_ids = torch.randint(0, PAPER_BASE.tgt_vocab, (8, 128), generator=gen)
     pe = positional_encoding(128, d_model)
+    logits_out = torch.empty(8, 128, PAPER_BASE.tgt_vocab)
     return {
         "encoder_8x128": lambda: encoder(enc_batch),
         "full_forward_8x128_vocab32000": lambda: model(src_ids, tgt_ids, None, None, pe)["logits"],
+        "full_forward_into_8x128_vocab32000": lambda: model(src_ids, tgt_ids, None, None, pe, logits_out)["logits"],
         "encoder_latency_1x32": lambda: encoder(enc_single),
     }
 

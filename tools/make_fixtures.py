@@ -150,11 +150,13 @@ class Seq2Seq(nn.Module):
         src_key_padding_mask: torch.Tensor | None,
         tgt_key_padding_mask: torch.Tensor | None,
         pe: torch.Tensor,
+        logits_out: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the whole model; return embeddings, `memory`, `decoder_out` and `logits`.
 
         Keys are the fixture names without the `io.` prefix. Masks are bool, True = padding
-        (None = no padding).
+        (None = no padding). With `logits_out` ([batch, tgt_len, tgt_vocab], contiguous) the
+        logits are written into it (`torch.addmm(..., out=)`) instead of a new tensor.
         Encoder and decoder are called exactly as `nn.Transformer.forward` calls them; the causal
         target mask is built here and passed as a bool `tgt_mask` with `tgt_is_causal=True`.
         """
@@ -176,8 +178,19 @@ class Seq2Seq(nn.Module):
             "tgt_embedded": tgt,
             "memory": memory,
             "decoder_out": decoder_out,
-            "logits": self.generator(decoder_out),
+            "logits": (
+                self.generator(decoder_out)
+                if logits_out is None
+                else self.logits_into(decoder_out, logits_out)
+            ),
         }
+
+    def logits_into(self, decoder_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`self.generator(decoder_out)` written into `out`, the same product and bias."""
+        flat = decoder_out.reshape(-1, decoder_out.shape[-1])
+        g = self.generator
+        torch.addmm(g.bias, flat, g.weight.t(), out=out.view(-1, out.shape[-1]))
+        return out
 
 
 @contextmanager
