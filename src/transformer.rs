@@ -353,18 +353,15 @@ impl Transformer {
     }
 
     pub(crate) fn project_unchecked(&self, decoded: ArrayView3<f32>) -> Array3<f32> {
-        let (b, len, d) = decoded.dim();
-        let decoded = decoded.as_standard_layout();
-        let flat = decoded
-            .view()
-            .into_shape_with_order((b * len, d))
-            .expect("standard layout");
-        ops::linear(
-            flat,
-            self.generator_weight(),
-            Some(self.generator_bias.view()),
-            ops::Epilogue::Bias,
-        )
+        let (b, len, _) = decoded.dim();
+        with_rows(decoded, |flat| {
+            ops::linear(
+                flat,
+                self.generator_weight(),
+                Some(self.generator_bias.view()),
+                ops::Epilogue::Bias,
+            )
+        })
         .into_shape_with_order((b, len, self.config.tgt_vocab))
         .expect("same element count")
     }
@@ -411,22 +408,19 @@ impl Transformer {
             logits.assign(&self.project_unchecked(decoded));
             return;
         }
-        let (b, len, d) = decoded.dim();
-        let decoded = decoded.as_standard_layout();
-        let flat = decoded
-            .view()
-            .into_shape_with_order((b * len, d))
-            .expect("standard layout");
+        let (b, len, _) = decoded.dim();
         let logits = logits
             .into_shape_with_order((b * len, self.config.tgt_vocab))
             .expect("standard layout, checked above");
-        ops::linear_into(
-            flat,
-            self.generator_weight(),
-            Some(self.generator_bias.view()),
-            ops::Epilogue::Bias,
-            logits,
-        );
+        with_rows(decoded, |flat| {
+            ops::linear_into(
+                flat,
+                self.generator_weight(),
+                Some(self.generator_bias.view()),
+                ops::Epilogue::Bias,
+                logits,
+            )
+        });
     }
 
     /// The full model: logits for every target position (teacher forcing).
@@ -668,6 +662,16 @@ fn check_same_batch(src: ArrayView2<u32>, tgt: ArrayView2<u32>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `f` on the rows of `x: [batch, len, d]` as one `[batch · len, d]` matrix (copied only when
+/// `x` is not in standard layout).
+fn with_rows<R>(x: ArrayView3<f32>, f: impl FnOnce(ArrayView2<f32>) -> R) -> R {
+    let (b, len, d) = x.dim();
+    let x = x.as_standard_layout();
+    f(x.view()
+        .into_shape_with_order((b * len, d))
+        .expect("standard layout"))
 }
 
 #[cfg(test)]
