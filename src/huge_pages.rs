@@ -148,6 +148,23 @@ mod tests {
     }
 
     #[test]
+    fn faulting_pages_in_changes_no_value() {
+        // 3 MiB and a bit: whole huge pages and a partial one.
+        let len = (3 << 20) / 4 + 1000;
+        let mut fresh = zeros(ndarray::Dim([len]));
+        populate(fresh.as_mut_ptr() as usize, len * 4);
+        assert!(fresh.iter().all(|&v| v == 0.0));
+        let mut written = Array1::from_shape_fn(len, |i| i as f32);
+        populate(written.as_mut_ptr() as usize, len * 4);
+        assert!(written.iter().enumerate().all(|(i, &v)| v == i as f32));
+        let out = uninit(ndarray::Dim([len]));
+        assert_eq!(out.len(), len);
+        if cfg!(target_os = "linux") {
+            assert_eq!(out.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+    }
+
+    #[test]
     fn small_arrays_are_ordinary_zeros() {
         let z: Array3<f32> = zeros(ndarray::Dim([2, 3, 4]));
         assert_eq!(z, Array3::<f32>::zeros((2, 3, 4)));
