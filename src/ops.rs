@@ -407,9 +407,21 @@ fn panels_product_into(
         return tile_product(simd, a, panels, n, alpha, beta, c, threads);
     }
     let pieces = panel_pieces(a, panels, n, c.view_mut());
-    let run = |Piece {
-                   a, panel, mut c, ..
-               }: Piece<f32>| gemm_into(a, panel, alpha, beta, &mut c, 1);
+    for_each_piece(
+        pieces,
+        threads,
+        |Piece {
+             a, panel, mut c, ..
+         }| { gemm_into(a, panel, alpha, beta, &mut c, 1) },
+    );
+}
+
+/// `run` on every piece, spread over `threads` threads (in list order when there is one).
+fn for_each_piece<T: Send>(
+    pieces: Vec<Piece<'_, '_, T>>,
+    threads: usize,
+    run: impl Fn(Piece<'_, '_, T>) + Send + Sync,
+) {
     if threads > 1 {
         pieces.into_par_iter().for_each(run);
     } else {
@@ -456,11 +468,7 @@ fn panels_product_fresh(
         // SAFETY: every element of the piece was written just above.
         finish_piece(unsafe { c.assume_init() }, bias, cols, epilogue);
     };
-    if threads_for_work(m * k * n) > 1 {
-        pieces.into_par_iter().for_each(run);
-    } else {
-        pieces.into_iter().for_each(run);
-    }
+    for_each_piece(pieces, threads_for_work(m * k * n), run);
     // SAFETY: the pieces cover every element of `c` (every panel, every row block), and each
     // was written above.
     unsafe { c.assume_init() }
@@ -488,12 +496,11 @@ fn panels_product_biased_into(
         blocked_product(a, panel, 1.0, 0.0, &mut c, 1);
         finish_piece(c, bias, cols, epilogue);
     };
-    let pieces = panel_pieces(a, panels, n, y);
-    if threads_for_work(m * k * n) > 1 {
-        pieces.into_par_iter().for_each(run);
-    } else {
-        pieces.into_iter().for_each(run);
-    }
+    for_each_piece(
+        panel_pieces(a, panels, n, y),
+        threads_for_work(m * k * n),
+        run,
+    );
 }
 
 /// A piece's bias (its columns `cols` of it) and activation, added right after its product.
@@ -1125,6 +1132,16 @@ pub(crate) enum Weight<'a> {
     Panels(ArrayView3<'a, f32>, usize),
 }
 
+impl Weight<'_> {
+    /// `out`, the number of outputs.
+    fn out_features(&self) -> usize {
+        match self {
+            Weight::Plain(w) => w.nrows(),
+            Weight::Panels(_, n) => *n,
+        }
+    }
+}
+
 /// `epilogue(x · wᵀ, bias)`, with `x: [rows, in]`, `w: [out, in]`; returns `[rows, out]`.
 ///
 /// Products of many rows are written once into fresh memory, and the bias and activation
@@ -1139,43 +1156,23 @@ pub(crate) fn linear(
     bias: Option<ArrayView1<f32>>,
     epilogue: Epilogue,
 ) -> Array2<f32> {
-    let rows = x.nrows();
-    let out = match w {
-        Weight::Plain(w) => w.nrows(),
-        Weight::Panels(_, n) => n,
-    };
-    let fresh = rows * out > 0
-        && match w {
-            Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
-            Weight::Panels(panels, n) => {
-                !uses_tile(rows)
-                    && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
+    let (rows, out) = (x.nrows(), w.out_features());
+    if rows * out > 0 && takes_blocked(x, w) {
+        return match w {
+            Weight::Plain(w) => {
+                let mut y = blocked_product_fresh(x, w.t(), threads_for(x, w.t()));
+                bias_activate_rows(y.view_mut(), bias, epilogue);
+                y
             }
+            Weight::Panels(panels, n) => panels_product_fresh(x, panels, n, bias, epilogue),
         };
-    if fresh {
-        let mut y = match w {
-            Weight::Plain(w) => blocked_product_fresh(x, w.t(), threads_for(x, w.t())),
-            Weight::Panels(panels, n) => return panels_product_fresh(x, panels, n, bias, epilogue),
-        };
-        if let Some(b) = bias {
-            y.axis_iter_mut(Axis(0))
-                .into_par_iter()
-                .with_min_len(16)
-                .for_each(|row| with_slice(row, |row| add_bias_activate(row, b, epilogue)));
-        } else if epilogue != Epilogue::Bias {
-            activate_rows(y.view_mut(), epilogue);
-        }
-        return y;
     }
     let mut y = match bias {
         // Large outputs of few rows (a wide vocabulary's logits in a step) come as fresh zeroed
         // huge pages and are filled by all threads.
         Some(b) if rows * out >= PARALLEL_FILL => {
             let mut y = huge_pages::zeros(Dim([rows, out]));
-            y.axis_iter_mut(Axis(0))
-                .into_par_iter()
-                .with_min_len(16)
-                .for_each(|mut row| row.assign(&b));
+            fill_rows(y.view_mut(), b);
             y
         }
         Some(b) => {
@@ -1188,16 +1185,7 @@ pub(crate) fn linear(
         }
         None => huge_pages::zeros(Dim([rows, out])),
     };
-    let beta = if bias.is_some() { 1.0 } else { 0.0 };
-    match w {
-        Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y.view_mut()),
-        Weight::Panels(panels, n) => {
-            panels_product_into(x, panels, n, 1.0, beta, &mut y.view_mut())
-        }
-    }
-    if epilogue != Epilogue::Bias {
-        activate_rows(y.view_mut(), epilogue);
-    }
+    add_product(x, w, bias.is_some(), epilogue, y.view_mut());
     y
 }
 
@@ -1211,45 +1199,78 @@ pub(crate) fn linear_into(
     epilogue: Epilogue,
     mut y: ArrayViewMut2<f32>,
 ) {
-    let rows = x.nrows();
-    let out = match w {
-        Weight::Plain(w) => w.nrows(),
-        Weight::Panels(_, n) => n,
-    };
+    let (rows, out) = (x.nrows(), w.out_features());
     assert_eq!(y.dim(), (rows, out), "output is [rows, out]");
     if rows * out == 0 {
         return;
     }
-    if let Weight::Panels(panels, n) = w {
-        if !uses_tile(rows) && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked) {
-            return panels_product_biased_into(x, panels, n, bias, epilogue, y);
+    if takes_blocked(x, w) {
+        match w {
+            Weight::Plain(w) => {
+                blocked_product(x, w.t(), 1.0, 0.0, &mut y, threads_for(x, w.t()));
+                bias_activate_rows(y, bias, epilogue);
+            }
+            Weight::Panels(panels, n) => {
+                panels_product_biased_into(x, panels, n, bias, epilogue, y)
+            }
         }
-    }
-    if let Weight::Plain(w) = w {
-        if matches!(kernel_for(x, w.t()), Kernel::Blocked) {
-            blocked_product(x, w.t(), 1.0, 0.0, &mut y, threads_for(x, w.t()));
-            y.axis_iter_mut(Axis(0))
-                .into_par_iter()
-                .with_min_len(16)
-                .for_each(|row| {
-                    with_slice(row, |row| match bias {
-                        Some(b) => add_bias_activate(row, b, epilogue),
-                        None => activate(row, epilogue),
-                    })
-                });
-            return;
-        }
+        return;
     }
     // Few rows: the bias first, the product added to it, as in `linear`.
+    match bias {
+        Some(b) => fill_rows(y.view_mut(), b),
+        None => y.fill(0.0),
+    }
+    add_product(x, w, bias.is_some(), epilogue, y);
+}
+
+/// Whether `x · wᵀ` takes the blocked kernel (a batch of rows), whose output [`linear`] writes
+/// once into fresh memory; the choice depends on the shapes alone.
+fn takes_blocked(x: ArrayView2<f32>, w: Weight) -> bool {
+    match w {
+        Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
+        Weight::Panels(panels, n) => {
+            !uses_tile(x.nrows())
+                && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
+        }
+    }
+}
+
+/// Every row of `y` set to `b`, rows in parallel.
+fn fill_rows(mut y: ArrayViewMut2<f32>, b: ArrayView1<f32>) {
+    y.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .with_min_len(16)
+        .for_each(|mut row| row.assign(&b));
+}
+
+/// `y = epilogue(y + bias)` on every row of `y`, which holds `x · wᵀ`; rows in parallel.
+fn bias_activate_rows(
+    mut y: ArrayViewMut2<f32>,
+    bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
+) {
     match bias {
         Some(b) => y
             .axis_iter_mut(Axis(0))
             .into_par_iter()
             .with_min_len(16)
-            .for_each(|mut row| row.assign(&b)),
-        None => y.fill(0.0),
+            .for_each(|row| with_slice(row, |row| add_bias_activate(row, b, epilogue))),
+        None if epilogue != Epilogue::Bias => activate_rows(y, epilogue),
+        None => {}
     }
-    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+}
+
+/// `y = epilogue(y + x · wᵀ)` when `y` holds the bias (`onto_bias`), else `epilogue(x · wᵀ)`
+/// over whatever `y` holds.
+fn add_product(
+    x: ArrayView2<f32>,
+    w: Weight,
+    onto_bias: bool,
+    epilogue: Epilogue,
+    mut y: ArrayViewMut2<f32>,
+) {
+    let beta = if onto_bias { 1.0 } else { 0.0 };
     match w {
         Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y),
         Weight::Panels(panels, n) => panels_product_into(x, panels, n, 1.0, beta, &mut y),
