@@ -1735,8 +1735,9 @@ mod tests {
 
     #[test]
     fn panels_hold_the_weight_and_products_over_them_match_the_plain_ones() {
-        // Widths around the panel width; 300 rows take the blocked kernel panel by panel, the
-        // others the tile kernel (with AVX-512) or the other kernels panel by panel.
+        // Widths around the panel width; 300 and 600 rows (one and two row blocks) take the
+        // blocked kernel piece by piece, the others the tile kernel (with AVX-512) or the other
+        // kernels panel by panel.
         for (m, k, n) in [
             (300, 40, 2000),
             (600, 9, 300),

@@ -726,6 +726,19 @@ mod tests {
                     .forward_into(ids.view(), ids.view(), None, None, view.view_mut())
                     .unwrap();
                 assert_eq!(view, expected);
+                // The projection alone, into a kept buffer, from the decoder's output.
+                let memory = model.encode(ids.view(), None).unwrap();
+                let decoded = model.decode(ids.view(), memory.view(), None, None).unwrap();
+                logits.fill(f32::NAN);
+                model
+                    .project_into(decoded.view(), logits.view_mut())
+                    .unwrap();
+                assert_eq!(logits, expected, "project_into, tie {tie}");
+                let wrong = model.project_into(
+                    decoded.view(),
+                    Array3::zeros((batch, len + 1, 300)).view_mut(),
+                );
+                assert!(wrong.unwrap_err().to_string().contains("logits"));
                 let wrong = model.forward_into(
                     ids.view(),
                     ids.view(),
