@@ -27,6 +27,15 @@ pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
     on_pages(dim, |len| vec![0.0; len])
 }
 
+/// [`zeros`] with the pages of a large array faulted in up front, by all threads
+/// ([`populate`]): for an output allocated well before it is written.
+pub(crate) fn zeros_faulted_in<D: Dimension>(dim: D) -> Array<f32, D> {
+    let mut a = zeros(dim);
+    let bytes = a.len() * std::mem::size_of::<f32>();
+    populate(a.as_mut_ptr() as usize, bytes);
+    a
+}
+
 /// An uninitialised array of `dim`, in standard layout, on huge pages when it is at least
 /// 2 MiB: for outputs that are written whole before they are read, so that no pass of ours
 /// zeroes or fills them first.
