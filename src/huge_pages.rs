@@ -166,6 +166,8 @@ mod tests {
         let mut written = Array1::from_shape_fn(len, |i| i as f32);
         populate(written.as_mut_ptr() as usize, len * 4);
         assert!(written.iter().enumerate().all(|(i, &v)| v == i as f32));
+        let zeroed = zeros_faulted_in(ndarray::Dim([len]));
+        assert!(zeroed.iter().all(|&v| v == 0.0));
         let out = uninit(ndarray::Dim([len]));
         assert_eq!(out.len(), len);
         if cfg!(target_os = "linux") {

@@ -736,9 +736,15 @@ mod tests {
                     .forward_into(ids.view(), ids.view(), None, None, view.view_mut())
                     .unwrap();
                 assert_eq!(view, expected);
-                // The projection alone, into a kept buffer, from the decoder's output.
+                // The projection alone, into a new array (the kernels' path for fresh memory)
+                // and into a kept buffer, from the decoder's output.
                 let memory = model.encode(ids.view(), None).unwrap();
                 let decoded = model.decode(ids.view(), memory.view(), None, None).unwrap();
+                assert_eq!(
+                    model.project(decoded.view()).unwrap(),
+                    expected,
+                    "project, tie {tie}"
+                );
                 logits.fill(f32::NAN);
                 model
                     .project_into(decoded.view(), logits.view_mut())
