@@ -43,8 +43,14 @@ pub(crate) fn zeros_faulted_in<D: Dimension>(dim: D) -> Array<f32, D> {
 /// The pages of a large one are faulted in up front, by all threads ([`populate`]).
 pub(crate) fn uninit<D: Dimension>(dim: D) -> Array<MaybeUninit<f32>, D> {
     // Nothing written: a `vec!` of uninitialised values measured as a pass over them.
-    let mut a = on_pages(dim, |len| Box::<[f32]>::new_uninit_slice(len).into_vec());
-    let bytes = a.len() * std::mem::size_of::<f32>();
+    fault_in(on_pages(dim, |len| {
+        Box::<[f32]>::new_uninit_slice(len).into_vec()
+    }))
+}
+
+/// `a` with the whole 2 MiB pages inside it faulted in ([`populate`]).
+fn fault_in<T, D: Dimension>(mut a: Array<T, D>) -> Array<T, D> {
+    let bytes = a.len() * std::mem::size_of::<T>();
     populate(a.as_mut_ptr() as usize, bytes);
     a
 }

@@ -445,13 +445,11 @@ impl Transformer {
         // back the pages it has just freed. Taken after the decoder, 0.3 s later, the same
         // memory took this VM 11–32 ms to fault in again instead of 6–7 (its balloon device
         // hands freed memory back to the host); full forward 481.4 → 474.1 and 485.8 → 479.4
-        // ms in alternating processes. The numbers are those of `forward_into`, identical to
+        // ms in alternating processes. The numbers are `forward_into`'s, identical to
         // `project`'s.
         let mut logits =
             huge_pages::zeros_faulted_in(Dim([tgt.nrows(), tgt.ncols(), self.config.tgt_vocab]));
-        let memory = self.encode(src, src_padding)?;
-        let decoded = self.decode(tgt, memory.view(), src_padding, tgt_padding)?;
-        self.project_into_unchecked(decoded.view(), logits.view_mut());
+        self.forward_into(src, tgt, src_padding, tgt_padding, logits.view_mut())?;
         Ok(logits)
     }
 
