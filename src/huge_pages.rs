@@ -30,10 +30,7 @@ pub(crate) fn zeros<D: Dimension>(dim: D) -> Array<f32, D> {
 /// [`zeros`] with the pages of a large array faulted in up front, by all threads
 /// ([`populate`]): for an output allocated well before it is written.
 pub(crate) fn zeros_faulted_in<D: Dimension>(dim: D) -> Array<f32, D> {
-    let mut a = zeros(dim);
-    let bytes = a.len() * std::mem::size_of::<f32>();
-    populate(a.as_mut_ptr() as usize, bytes);
-    a
+    fault_in(zeros(dim))
 }
 
 /// An uninitialised array of `dim`, in standard layout, on huge pages when it is at least
