@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
-use crate::ops;
+use crate::ops::{self, HeadScratch};
 
 /// `softmax(Q Kᵀ / √d_k) V`, batched over batch and heads.
 ///
@@ -116,17 +116,19 @@ pub(crate) fn attend_into(
 ) {
     let scale = 1.0 / (q.shape()[3] as f32).sqrt();
     let (tgt_len, src_len) = (q.shape()[2], k.shape()[2]);
+    let causal = mask.is_causal();
     let per_head = |b: usize,
                     q: ArrayView2<f32>,
                     k: ArrayView2<f32>,
                     v: ArrayView2<f32>,
                     mut o: ArrayViewMut2<f32>,
-                    mut s: ArrayViewMut2<f32>| {
+                    mut s: ArrayViewMut2<f32>,
+                    scratch: &mut HeadScratch| {
         // scores = Q Kᵀ / √d_k, masked, soft-maxed row by row; then out = weights · V.
-        ops::matmul_into_serial(q, k.t(), scale, 0.0, &mut s);
+        ops::head_scores(q, k, scale, causal, scratch, &mut s);
         mask.apply(b, s.view_mut());
         ops::softmax_rows_inplace(s.view_mut());
-        ops::matmul_into_serial(s.view(), v, 1.0, 0.0, &mut o);
+        ops::head_values(s.view(), v, causal, scratch, &mut o);
     };
     match weights {
         Some(mut w) => Zip::indexed(out.axis_iter_mut(Axis(0)))
@@ -140,7 +142,9 @@ pub(crate) fn attend_into(
                     .and(k.axis_iter(Axis(0)))
                     .and(v.axis_iter(Axis(0)))
                     .and(w.axis_iter_mut(Axis(0)))
-                    .par_for_each(|o, q, k, v, s| per_head(b, q, k, v, o, s));
+                    .par_for_each(|o, q, k, v, s| {
+                        per_head(b, q, k, v, o, s, &mut HeadScratch::default())
+                    });
             }),
         None => {
             let streaming = src_len >= STREAMING_MIN_KEYS;
@@ -164,13 +168,13 @@ pub(crate) fn attend_into(
                                 } else {
                                     (tgt_len, src_len)
                                 };
-                                Array2::zeros((rows, cols))
+                                (Array2::zeros((rows, cols)), HeadScratch::default())
                             },
-                            |s, (((o, q), k), v)| {
+                            |(s, scratch), (((o, q), k), v)| {
                                 if streaming {
                                     attend_head_streaming(b, q, k, v, mask, scale, o);
                                 } else {
-                                    per_head(b, q, k, v, o, s.view_mut());
+                                    per_head(b, q, k, v, o, s.view_mut(), scratch);
                                 }
                             },
                         );
