@@ -21,6 +21,12 @@ which bounds a cached decoding step from below.
 Usage::
 
     python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation] [--skip-embed]
+                                   [--rounds 1]
+
+With ``--rounds N`` the forward workloads run N times on each side, alternating (the crate's
+benches, then PyTorch's script, and again): the table gives the medians over the rounds and a
+note the speed-up of each round. This machine's speed drifts over minutes, and one round of
+each side takes about two minutes.
 """
 
 from __future__ import annotations
@@ -103,26 +109,44 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--skip-generation", action="store_true", help="no generation workloads")
     parser.add_argument("--skip-embed", action="store_true", help="no sentence-embedding workloads")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the two sides' forward workloads this many times; medians over the rounds",
+    )
     args = parser.parse_args()
     t = args.threads
 
-    cargo_bench("forward", ["model/", "ops/sgemm"], t)
-    torch_forward = torch_json("bench_torch_forward.py", t)
-    ours_sgemm, flops = criterion_result("ops", "sgemm_2048")
-    ceiling = max(mkl_sgemm_gflops(t), flops / (ours_sgemm * 1e6))
-
-    rows = []
-    for label, ours_id, torch_key in [
+    forward_workloads = [
         ("encoder, batch 8 × 128", "encoder_8x128", "encoder_8x128"),
         ("full forward to logits, 8 × 128 → 8 × 128", "forward_logits_8x128", "full_forward_8x128_vocab32000"),
         ("  the same into a kept logits buffer", "forward_logits_into_8x128", "full_forward_into_8x128_vocab32000"),
         ("encoder latency, 1 × 32", "encoder_1x32", "encoder_latency_1x32"),
-    ]:
-        ms, work = criterion_result("model", ours_id)
-        gflops = work / (ms * 1e6)
-        rows.append((label, ms, torch_forward[torch_key], gflops, 100 * gflops / ceiling))
+    ]
+    # Rounds alternate the two sides, so that a slow spell of the machine falls on both.
+    ours_rounds: list[dict[str, tuple[float, int]]] = []
+    torch_rounds: list[dict] = []
+    for round_index in range(args.rounds):
+        cargo_bench("forward", ["model/"] + (["ops/sgemm"] if round_index == 0 else []), t)
+        ours_rounds.append({ours_id: criterion_result("model", ours_id) for _, ours_id, _ in forward_workloads})
+        torch_rounds.append(torch_json("bench_torch_forward.py", t))
+    ours_sgemm, flops = criterion_result("ops", "sgemm_2048")
+    ceiling = max(mkl_sgemm_gflops(t), flops / (ours_sgemm * 1e6))
 
+    rows = []
     notes = [f"SGEMM ceiling at {t} thread(s): {ceiling:.0f} GFLOP/s"]
+    for label, ours_id, torch_key in forward_workloads:
+        ms = statistics.median(r[ours_id][0] for r in ours_rounds)
+        work = ours_rounds[0][ours_id][1]
+        theirs = statistics.median(r[torch_key] for r in torch_rounds)
+        gflops = work / (ms * 1e6)
+        rows.append((label, ms, theirs, gflops, 100 * gflops / ceiling))
+        if args.rounds > 1:
+            ratios = ", ".join(
+                f"{tr[torch_key] / our[ours_id][0]:.2f}×" for our, tr in zip(ours_rounds, torch_rounds)
+            )
+            notes.append(f"{label.strip()}: speed-up by round {ratios}")
     if not args.skip_generation:
         cargo_bench("generation", ["generation_step/cached", "greedy_generation", "memory/"], t)
         torch_gen = torch_json("bench_torch_generate.py", t)
