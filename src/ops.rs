@@ -1088,6 +1088,8 @@ pub(crate) struct HeadScratch {
     values: Vec<f32>,
     /// Zeros standing in for the rows past the last one of a partial register tile.
     zeros: Vec<f32>,
+    /// Eight keys transposed, `[d_k][8]`, on their way into `keys_t`.
+    block: Vec<[f32; 8]>,
 }
 
 /// Keys query `i` of `tgt_len` sees out of `src_len` under a causal mask (bottom-right aligned,
@@ -1187,8 +1189,13 @@ fn head_scores_tiles(
     s: &mut [f32],
 ) {
     let ((tgt_len, d_k), src_len) = (q.dim(), k.nrows());
-    let HeadScratch { keys_t, zeros, .. } = scratch;
-    let keys_t = transpose_keys(simd, k, keys_t);
+    let HeadScratch {
+        keys_t,
+        zeros,
+        block,
+        ..
+    } = scratch;
+    let keys_t = transpose_keys(simd, k, keys_t, block);
     if zeros.len() < d_k {
         zeros.resize(d_k, 0.0);
     }
@@ -1243,6 +1250,7 @@ fn transpose_keys<'a>(
     simd: pulp::x86::V4,
     k: ArrayView2<f32>,
     keys_t: &'a mut Vec<f32>,
+    block: &mut Vec<[f32; TILE_M]>,
 ) -> &'a [f32] {
     let (src_len, d_k) = k.dim();
     let strips = src_len.div_ceil(HEAD_TILE_N);
@@ -1253,27 +1261,20 @@ fn transpose_keys<'a>(
         keys_t.resize(len, 0.0);
     }
     let keys_t = &mut keys_t[..len];
-    let mut block = vec![[0.0f32; TILE_M]; d_k];
+    block.resize(d_k, [0.0; TILE_M]);
     for (g, keys) in k.axis_chunks_iter(Axis(0), TILE_M).enumerate() {
         let (strip, offset) = (g * TILE_M / HEAD_TILE_N, g * TILE_M % HEAD_TILE_N);
         let out = &mut keys_t[strip * d_k * HEAD_TILE_N..][..d_k * HEAD_TILE_N];
-        let rows: Vec<&[f32]> = keys
-            .rows()
-            .into_iter()
-            .map(|row| row.to_slice().expect("contiguous rows"))
-            .collect();
-        match <[&[f32]; TILE_M]>::try_from(rows) {
-            Ok(full) => {
-                transpose_rows(simd, full, &mut block);
-                for (d, values) in block.iter().enumerate() {
-                    out[d * HEAD_TILE_N + offset..][..TILE_M].copy_from_slice(values);
-                }
+        let row = |j: usize| keys.row(j).to_slice().expect("contiguous rows");
+        if keys.nrows() == TILE_M {
+            transpose_rows(simd, std::array::from_fn(row), block);
+            for (d, values) in block.iter().enumerate() {
+                out[d * HEAD_TILE_N + offset..][..TILE_M].copy_from_slice(values);
             }
-            Err(rows) => {
-                for (j, row) in rows.iter().enumerate() {
-                    for (d, &x) in row.iter().enumerate() {
-                        out[d * HEAD_TILE_N + offset + j] = x;
-                    }
+        } else {
+            for j in 0..keys.nrows() {
+                for (d, &x) in row(j).iter().enumerate() {
+                    out[d * HEAD_TILE_N + offset + j] = x;
                 }
             }
         }
