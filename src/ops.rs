@@ -1201,6 +1201,7 @@ fn head_scores_tiles(
     }
     let zeros = &zeros[..d_k];
     let strip_len = d_k * HEAD_TILE_N;
+    let scale = simd.splat_f32x16(scale);
     simd.vectorize(
         #[inline(always)]
         || {
@@ -1223,7 +1224,6 @@ fn head_scores_tiles(
                     let sums = score_tile(simd, &q_rows, keys);
                     let j0 = strip * HEAD_TILE_N;
                     let cols = (src_len - j0).min(HEAD_TILE_N);
-                    let scale = simd.splat_f32x16(scale);
                     for (r, sums) in sums.iter().enumerate().take(rows) {
                         let sums: [f32; HEAD_TILE_N] =
                             pulp::bytemuck::cast(sums.map(|x| simd.mul_f32x16(scale, x)));
@@ -1243,8 +1243,8 @@ fn head_scores_tiles(
 
 /// `k: [src_len, d_k]` into `keys_t` as `[strip][d_k][HEAD_TILE_N]`, returned: strip `t`, row
 /// `d` holds `k[t·HEAD_TILE_N + j][d]` for `j < HEAD_TILE_N` (slots past the last key keep
-/// what the buffer held: the sums they feed are never stored). Eight keys at a time go through the register
-/// transposition of [`transpose_rows`].
+/// what the buffer held: the sums they feed are never stored). Eight keys at a time go through
+/// the register transposition of [`transpose_rows`].
 #[cfg(target_arch = "x86_64")]
 fn transpose_keys<'a>(
     simd: pulp::x86::V4,
@@ -1307,9 +1307,9 @@ fn score_tile(
 
 /// [`head_values`] under a causal mask on AVX-512 register tiles of [`HEAD_TILE_M`] queries ×
 /// [`HEAD_TILE_N`] value columns, each summing over the keys its queries see; `p` is the
-/// standard-layout weight matrix. Values with strided rows (one
-/// head of a projection) are copied into one contiguous block first: read in place, their rows,
-/// a power of two apart, share a few L1 sets.
+/// standard-layout weight matrix. Values with strided rows (one head of a projection) are
+/// copied into one contiguous block first: read in place, their rows, a power of two apart,
+/// share a few L1 sets.
 #[cfg(target_arch = "x86_64")]
 fn head_values_tiles(
     simd: pulp::x86::V4,
@@ -1362,8 +1362,9 @@ fn head_values_tiles(
     );
 }
 
-/// One register tile of [`head_values_tiles`]: `sums[r][c] = Σ_j p_rows[r][j] · values[j·d_v + c]`
-/// for `c < HEAD_TILE_N`, over `j` in order, one fused multiply-add a term.
+/// One register tile of [`head_values_tiles`]:
+/// `sums[r][c] = Σ_j p_rows[r][j] · values[j·d_v + c]` for `c < HEAD_TILE_N`, over `j` in
+/// order, one fused multiply-add a term.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn value_tile(
