@@ -22,6 +22,10 @@ use crate::huge_pages;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Batch products on Intel's AMX tiles, at f32 precision, where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// `c = alpha · a · b + beta · c`, with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, spread over the
 /// threads of the current rayon pool when the product is large enough to be worth it.
 ///
@@ -451,13 +455,37 @@ fn panels_product_fresh(
         Array2::uninit((m, n))
     };
     let pieces = panel_pieces(a, panels, n, c.view_mut());
+    #[cfg(target_arch = "x86_64")]
+    let split = amx::SplitRows::for_product(a);
     let run = |piece: Piece<MaybeUninit<f32>>| {
         let Piece {
             a,
             panel,
             mut c,
             cols,
+            row0,
         } = piece;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(split) = &split {
+            let panel = panels.index_axis(Axis(0), cols.start / PANEL);
+            let stride = c.strides()[0] as usize;
+            // SAFETY: as for `gemm_raw` below: the piece is `[a.nrows(), cols.len()]` at row
+            // stride `stride` and unit column stride (a standard-layout array), valid for
+            // writes and referenced by nothing else; `product` writes every element of it.
+            unsafe {
+                split.product(
+                    row0,
+                    a.nrows(),
+                    panel,
+                    cols.len(),
+                    c.as_mut_ptr().cast(),
+                    stride,
+                )
+            };
+            // SAFETY: every element of the piece was written just above.
+            finish_piece(unsafe { c.assume_init() }, bias, cols, epilogue);
+            return;
+        }
         let strides = [c.strides()[0], c.strides()[1]];
         // SAFETY: `c` is a piece of a new [m, n] allocation that nothing else references,
         // `[a.nrows(), panel.ncols()]` at these strides and disjoint from every other piece
@@ -486,12 +514,31 @@ fn panels_product_biased_into(
     y: ArrayViewMut2<f32>,
 ) {
     let (m, k) = a.dim();
+    // The tiles store whole rows of 16 floats: `y` needs unit column stride.
+    #[cfg(target_arch = "x86_64")]
+    let split = if y.strides()[1] == 1 && y.strides()[0] >= 0 {
+        amx::SplitRows::for_product(a)
+    } else {
+        None
+    };
     let run = |Piece {
                    a,
                    panel,
                    mut c,
                    cols,
+                   row0,
                }: Piece<f32>| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(split) = &split {
+            let panel = panels.index_axis(Axis(0), cols.start / PANEL);
+            let stride = c.strides()[0] as usize;
+            // SAFETY: the piece is `[a.nrows(), cols.len()]` of `y` at row stride `stride` and
+            // unit column stride (checked above), borrowed mutably, so valid for writes and
+            // referenced by nothing else during the call.
+            unsafe { split.product(row0, a.nrows(), panel, cols.len(), c.as_mut_ptr(), stride) };
+            finish_piece(c, bias, cols, epilogue);
+            return;
+        }
         // beta = 0: `c` is only written, whatever it held.
         blocked_product(a, panel, 1.0, 0.0, &mut c, 1);
         finish_piece(c, bias, cols, epilogue);
@@ -539,6 +586,8 @@ struct Piece<'a, 'c, T> {
     panel: ArrayView2<'a, f32>,
     c: ArrayViewMut2<'c, T>,
     cols: std::ops::Range<usize>,
+    /// The index of `a`'s first row in the whole product's rows.
+    row0: usize,
 }
 
 /// The products `a · panel` a weight in panels splits into, with the block of `c` each writes:
@@ -559,6 +608,7 @@ fn panel_pieces<'a, 'c, T>(
     let mut pieces = Vec::new();
     let mut a_rest = a;
     let mut c_rest = c;
+    let mut row0 = 0;
     while a_rest.nrows() > 0 {
         let take = PIECE_ROWS.min(a_rest.nrows());
         let (a_rows, a_tail) = a_rest.split_at(Axis(0), take);
@@ -574,8 +624,10 @@ fn panel_pieces<'a, 'c, T>(
                 panel,
                 c: c_block,
                 cols: start..start + panel.ncols(),
+                row0,
             });
         }
+        row0 += take;
     }
     pieces
 }
@@ -2007,6 +2059,30 @@ mod tests {
     use approx::assert_abs_diff_eq;
     use ndarray::{array, s, Array1, Array2};
 
+    /// Whether batch products over panels run on the AMX tiles here.
+    fn on_amx_tiles() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            amx::SplitRows::for_product(Array2::ones((1, 1)).view()).is_some()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `y` against `expected`, a batch product over panels against the `gemm` path: the same
+    /// floats where both run on `gemm`'s kernels, within f32 rounding where the batch product
+    /// sums on the AMX tiles in another order.
+    fn same_sums(y: &Array2<f32>, expected: &Array2<f32>) {
+        if on_amx_tiles() {
+            assert_eq!(y.dim(), expected.dim());
+            for (y, e) in y.iter().zip(expected) {
+                assert!((y - e).abs() <= 1e-6 * e.abs().max(1.0), "{y} against {e}");
+            }
+        } else {
+            assert_eq!(y, expected);
+        }
+    }
+
     #[test]
     fn residual_add_and_norm_in_one_pass_equals_add_then_norm() {
         let x = Array2::from_shape_fn((40, 24), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.3 - 1.0);
@@ -2132,10 +2208,10 @@ mod tests {
             assert_abs_diff_eq!(y, expected, epsilon = 1e-4);
             if m > 64 {
                 let fresh = panels_product_fresh(a.view(), panels.view(), n, None, Epilogue::Bias);
-                assert_eq!(fresh, y);
+                same_sums(&fresh, &y);
                 let relu =
                     panels_product_fresh(a.view(), panels.view(), n, None, Epilogue::BiasRelu);
-                assert_eq!(relu, y.mapv(|v| v.max(0.0)));
+                same_sums(&relu, &y.mapv(|v| v.max(0.0)));
             }
             let y = linear(
                 a.view(),
@@ -2180,7 +2256,7 @@ mod tests {
                 &mut expected.view_mut(),
             );
             activate_rows(expected.view_mut(), epilogue);
-            assert_eq!(y, expected, "{epilogue:?} over panels");
+            same_sums(&y, &expected);
         }
         let no_bias = linear(x.view(), Weight::Plain(w.view()), None, Epilogue::Bias);
         let mut expected = Array2::zeros((600, 2000));
