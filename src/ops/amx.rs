@@ -155,6 +155,8 @@ impl<T: Copy> Aligned<T> {
     fn set_len(&mut self, len: usize) {
         let lines = (len * std::mem::size_of::<T>()).div_ceil(64);
         if self.lines.len() < lines {
+            // Exactly what is asked: a doubling growth would keep up to twice the largest split.
+            self.lines.reserve_exact(lines - self.lines.len());
             self.lines.resize(lines, Line([0; 64]));
         }
         self.len = len;
