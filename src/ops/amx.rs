@@ -386,6 +386,51 @@ impl SplitRows {
     }
 }
 
+/// Loads two row tiles of one part of `a` (rows of 64 bytes, 64 bytes apart) into `tmm4`
+/// and `tmm5`.
+///
+/// # Safety
+/// The tile state must be configured ([`CONFIG`]), and each pointer must start 1 KiB of
+/// readable memory.
+#[inline(always)]
+unsafe fn load_row_tiles(a0: *const u32, a1: *const u32) {
+    // SAFETY: the caller's guarantee; the loads write only the tile registers.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{a0} + {stride}]",
+            "tileloadd tmm5, [{a1} + {stride}]",
+            a0 = in(reg) a0,
+            a1 = in(reg) a1,
+            stride = in(reg) 64usize,
+            options(nostack, readonly),
+        )
+    }
+}
+
+/// Loads two column tiles of one part of the panel into `tmm6` and `tmm7` and adds their
+/// products with the row tiles in `tmm4`, `tmm5` into the accumulators `tmm0`–`tmm3`.
+///
+/// # Safety
+/// As for [`load_row_tiles`].
+#[inline(always)]
+unsafe fn multiply_column_tiles(b0: *const u32, b1: *const u32) {
+    // SAFETY: the caller's guarantee; the instructions write only the tile registers.
+    unsafe {
+        asm!(
+            "tileloadd tmm6, [{b0} + {stride}]",
+            "tileloadd tmm7, [{b1} + {stride}]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            b0 = in(reg) b0,
+            b1 = in(reg) b1,
+            stride = in(reg) 64usize,
+            options(nostack, readonly),
+        )
+    }
+}
+
 /// [`SplitRows::product`] over a split panel, `acc` the partial sums between chunks of `k`
 /// (and the tiles past the edges of `c`). Each step of 32 values of `k` loads the two row
 /// tiles of one part of `a` at a time and runs them against the column tiles of the parts of
@@ -411,7 +456,6 @@ unsafe fn product_split(
     let rows_pad = rows.next_multiple_of(BLOCK);
     assert!((row0 + rows_pad) / TILE * a.k_steps * TILE_WORDS <= a.parts[0].len());
     acc.set_len(rows_pad * PANEL);
-    let (a_stride, b_stride) = (KSTEP * 2, TILE * 4);
     let acc_stride = PANEL * 4;
     let col_end = cols.next_multiple_of(BLOCK);
     // SAFETY: loads the constant configuration above (64 bytes, aligned).
@@ -457,81 +501,13 @@ unsafe fn product_split(
                         );
                     }
                     for step in s0..s1 {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {sa}]",
-                            "tileloadd tmm5, [{a1} + {sa}]",
-                            "tileloadd tmm6, [{b0h} + {sb}]",
-                            "tileloadd tmm7, [{b1h} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "tileloadd tmm6, [{b0m} + {sb}]",
-                            "tileloadd tmm7, [{b1m} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "tileloadd tmm6, [{b0l} + {sb}]",
-                            "tileloadd tmm7, [{b1l} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a_at(0, 0, step),
-                            a1 = in(reg) a_at(0, 1, step),
-                            b0h = in(reg) b_at(0, 0, step),
-                            b1h = in(reg) b_at(0, 1, step),
-                            b0m = in(reg) b_at(1, 0, step),
-                            b1m = in(reg) b_at(1, 1, step),
-                            b0l = in(reg) b_at(2, 0, step),
-                            b1l = in(reg) b_at(2, 1, step),
-                            sa = in(reg) a_stride,
-                            sb = in(reg) b_stride,
-                            options(nostack, readonly),
-                        );
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {sa}]",
-                            "tileloadd tmm5, [{a1} + {sa}]",
-                            "tileloadd tmm6, [{b0h} + {sb}]",
-                            "tileloadd tmm7, [{b1h} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "tileloadd tmm6, [{b0m} + {sb}]",
-                            "tileloadd tmm7, [{b1m} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a_at(1, 0, step),
-                            a1 = in(reg) a_at(1, 1, step),
-                            b0h = in(reg) b_at(0, 0, step),
-                            b1h = in(reg) b_at(0, 1, step),
-                            b0m = in(reg) b_at(1, 0, step),
-                            b1m = in(reg) b_at(1, 1, step),
-                            sa = in(reg) a_stride,
-                            sb = in(reg) b_stride,
-                            options(nostack, readonly),
-                        );
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {sa}]",
-                            "tileloadd tmm5, [{a1} + {sa}]",
-                            "tileloadd tmm6, [{b0h} + {sb}]",
-                            "tileloadd tmm7, [{b1h} + {sb}]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a_at(2, 0, step),
-                            a1 = in(reg) a_at(2, 1, step),
-                            b0h = in(reg) b_at(0, 0, step),
-                            b1h = in(reg) b_at(0, 1, step),
-                            sa = in(reg) a_stride,
-                            sb = in(reg) b_stride,
-                            options(nostack, readonly),
-                        );
+                        // hi · (hi, mid, lo), mid · (hi, mid), lo · hi.
+                        for (a_part, b_parts) in [(0, 3), (1, 2), (2, 1)] {
+                            load_row_tiles(a_at(a_part, 0, step), a_at(a_part, 1, step));
+                            for b_part in 0..b_parts {
+                                multiply_column_tiles(b_at(b_part, 0, step), b_at(b_part, 1, step));
+                            }
+                        }
                     }
                     // On the last chunk whole tiles go straight into `c`, the rest into `acc`.
                     let last = s1 == panel.k_steps;
