@@ -405,25 +405,24 @@ enum Load {
 unsafe fn load_tiles(rows: (*const u32, *const u32), cols: (*const u32, *const u32), load: Load) {
     // SAFETY: the caller's guarantee; the instructions write only the tile registers.
     unsafe {
+        // Two tiles of 16 rows of 64 bytes, 64 bytes apart, into the named tile registers.
+        macro_rules! load_pair {
+            ($t0:literal, $t1:literal, $tiles:expr) => {
+                asm!(
+                    concat!("tileloadd ", $t0, ", [{p0} + {stride}]"),
+                    concat!("tileloadd ", $t1, ", [{p1} + {stride}]"),
+                    p0 = in(reg) $tiles.0,
+                    p1 = in(reg) $tiles.1,
+                    stride = in(reg) 64usize,
+                    options(nostack, readonly),
+                )
+            };
+        }
         if load != Load::Columns {
-            asm!(
-                "tileloadd tmm4, [{a0} + {stride}]",
-                "tileloadd tmm5, [{a1} + {stride}]",
-                a0 = in(reg) rows.0,
-                a1 = in(reg) rows.1,
-                stride = in(reg) 64usize,
-                options(nostack, readonly),
-            );
+            load_pair!("tmm4", "tmm5", rows);
         }
         if load != Load::Rows {
-            asm!(
-                "tileloadd tmm6, [{b0} + {stride}]",
-                "tileloadd tmm7, [{b1} + {stride}]",
-                b0 = in(reg) cols.0,
-                b1 = in(reg) cols.1,
-                stride = in(reg) 64usize,
-                options(nostack, readonly),
-            );
+            load_pair!("tmm6", "tmm7", cols);
         }
         asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
