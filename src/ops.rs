@@ -456,7 +456,7 @@ fn panels_product_fresh(
     };
     let pieces = panel_pieces(a, panels, n, c.view_mut());
     #[cfg(target_arch = "x86_64")]
-    let split = amx::SplitRows::for_product(a);
+    let split = amx::SplitRows::for_product(a, n);
     let run = |piece: Piece<MaybeUninit<f32>>| {
         let Piece {
             a,
@@ -517,7 +517,7 @@ fn panels_product_biased_into(
     // The tiles store whole rows of 16 floats: `y` needs unit column stride.
     #[cfg(target_arch = "x86_64")]
     let split = if y.strides()[1] == 1 && y.strides()[0] >= 0 {
-        amx::SplitRows::for_product(a)
+        amx::SplitRows::for_product(a, n)
     } else {
         None
     };
@@ -2059,21 +2059,23 @@ mod tests {
     use approx::assert_abs_diff_eq;
     use ndarray::{array, s, Array1, Array2};
 
-    /// Whether batch products over panels run on the AMX tiles here.
-    fn on_amx_tiles() -> bool {
+    /// Whether a batch product `[m, k] · [k, n]` over panels runs on the AMX tiles here.
+    fn on_amx_tiles(m: usize, k: usize, n: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            amx::SplitRows::for_product(Array2::ones((1, 1)).view()).is_some()
+            amx::takes_tiles(m, k, n)
+                && amx::SplitRows::for_product(Array2::ones((m, k)).view(), n).is_some()
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
 
-    /// `y` against `expected`, a batch product over panels against the `gemm` path: the same
-    /// floats where both run on `gemm`'s kernels, within f32 rounding where the batch product
-    /// sums on the AMX tiles in another order.
-    fn same_sums(y: &Array2<f32>, expected: &Array2<f32>) {
-        if on_amx_tiles() {
+    /// `y: [m, n]` against `expected`, a batch product with `k` inputs over panels against the
+    /// `gemm` path: the same floats where both run on `gemm`'s kernels, within f32 rounding
+    /// where the batch product sums on the AMX tiles in another order.
+    fn same_sums(y: &Array2<f32>, expected: &Array2<f32>, k: usize) {
+        let (m, n) = y.dim();
+        if on_amx_tiles(m, k, n) {
             assert_eq!(y.dim(), expected.dim());
             for (y, e) in y.iter().zip(expected) {
                 assert!((y - e).abs() <= 1e-6 * e.abs().max(1.0), "{y} against {e}");
@@ -2185,9 +2187,10 @@ mod tests {
     #[test]
     fn panels_hold_the_weight_and_products_over_them_match_the_plain_ones() {
         // Widths around the panel width; 300 and 600 rows (one and two row blocks) take the
-        // blocked kernel piece by piece, the others the tile kernel (with AVX-512) or the other
+        // blocked kernel piece by piece (600 × 200 × 600 the AMX tiles where there are some), the others the tile kernel (with AVX-512) or the other
         // kernels panel by panel.
         for (m, k, n) in [
+            (600, 200, 600),
             (300, 40, 2000),
             (600, 9, 300),
             (300, 7, 130),
@@ -2208,10 +2211,10 @@ mod tests {
             assert_abs_diff_eq!(y, expected, epsilon = 1e-4);
             if m > 64 {
                 let fresh = panels_product_fresh(a.view(), panels.view(), n, None, Epilogue::Bias);
-                same_sums(&fresh, &y);
+                same_sums(&fresh, &y, k);
                 let relu =
                     panels_product_fresh(a.view(), panels.view(), n, None, Epilogue::BiasRelu);
-                same_sums(&relu, &y.mapv(|v| v.max(0.0)));
+                same_sums(&relu, &y.mapv(|v| v.max(0.0)), k);
             }
             let y = linear(
                 a.view(),
@@ -2256,7 +2259,7 @@ mod tests {
                 &mut expected.view_mut(),
             );
             activate_rows(expected.view_mut(), epilogue);
-            same_sums(&y, &expected);
+            same_sums(&y, &expected, 40);
         }
         let no_bias = linear(x.view(), Weight::Plain(w.view()), None, Epilogue::Bias);
         let mut expected = Array2::zeros((600, 2000));

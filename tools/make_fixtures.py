@@ -110,8 +110,8 @@ TRANSFORMER_SPECS = (
     TransformerSpec("odd_shapes", 1, 24, 3, 3, 1, 40, "relu", 1e-6, False, 17, 19, 3, 9, 6),
     TransformerSpec("preln_gelu", 2, 32, 2, 2, 3, 48, "gelu", 1e-5, True, 10, 15, 2, 6, 8),
     # More than 64 rows a batch (160 source, 144 target positions), so that the linear layers
-    # take the batch-product path (on the AMX tiles where the CPU has them); widths 48, 80 and
-    # 150 off the tiles' multiples of 16 and 32.
+    # take the batch-product path, written piece by piece; widths 48, 80 and 150 off the
+    # kernels' multiples of 16 and 32.
     TransformerSpec("batch_rows", 3, 48, 4, 2, 2, 80, "relu", 1e-5, False, 50, 150, 4, 40, 36),
 )
 GREEDY_NAME = "greedy_tiny"
