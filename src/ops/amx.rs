@@ -225,6 +225,12 @@ pub(crate) fn takes_tiles(m: usize, k: usize, n: usize) -> bool {
     k >= 128 && n >= 256 && m.saturating_mul(k).saturating_mul(n) >= MIN_TILE_WORK
 }
 
+/// Whether this CPU and kernel offer the tiles (and `NDTRANSFORMER_AMX` does not turn them off).
+#[cfg(test)]
+pub(crate) fn available() -> bool {
+    Amx::try_new().is_some()
+}
+
 impl SplitRows {
     /// `a: [m, k]` split for a product with `n` output columns on the tiles, tiles of rows in
     /// parallel; `None` where the tiles are not available ([`Amx::try_new`]), where the product
@@ -232,8 +238,8 @@ impl SplitRows {
     /// contiguous.
     pub(crate) fn for_product(a: ArrayView2<f32>, n: usize) -> Option<Self> {
         let amx = Amx::try_new()?;
-        let contiguous = a.ncols() <= 1 || a.strides()[1] == 1;
-        (takes_tiles(a.nrows(), a.ncols(), n) && contiguous).then(|| Self::new(amx, a))
+        let takes = takes_tiles(a.nrows(), a.ncols(), n) && super::rows_contiguous(a);
+        takes.then(|| Self::new(amx, a))
     }
 
     fn new(amx: Amx, a: ArrayView2<f32>) -> Self {
