@@ -18,22 +18,20 @@
 //! encoder.layer.{i}.output.LayerNorm.{weight,bias}             norm after the FFN
 //! ```
 //!
+//! These are renames of the crate's own parameter names ([`EncoderModel::named_parameters`]),
+//! the `BERT` table of `src/naming.rs`.
+//!
 //! `embeddings.position_ids` (a buffer) and `pooler.dense.*` (a classification head that
 //! sentence embeddings do not use) are recognised and skipped, even when loading strictly.
 
 use std::path::Path;
 
-use crate::attention::MultiHeadAttention;
 use crate::config::{Activation, EmbeddingConfig, NormPosition, TransformerConfig};
-use crate::embedding::Embedding;
-use crate::encoder::{Encoder, EncoderLayer};
 use crate::encoder_model::EncoderModel;
 use crate::error::{Error, Result};
-use crate::feed_forward::FeedForward;
-use crate::linear::Linear;
-use crate::weights::{
-    visit_input, visit_linear, visit_norm, F32Tensor, LoadOptions, Reader, Visitor,
-};
+use crate::naming;
+use crate::parameters::Scope;
+use crate::weights::{file_tensors, serialize, LoadOptions, Reader};
 
 /// Tensors a BERT checkpoint may hold that an encoder does not use.
 const SKIPPED: [&str; 3] = [
@@ -147,43 +145,8 @@ impl EncoderModel {
         bytes: &[u8],
         options: &LoadOptions,
     ) -> Result<Self> {
-        config.validate_encoder()?;
-        let c = &config;
-        let (d, eps) = (c.d_model, c.layer_norm_eps);
-        let mut r = Reader::new(bytes, options)?;
-        let tokens =
-            Embedding::new(r.matrix("embeddings.word_embeddings.weight", c.src_vocab, d)?)?;
-        let input = r.input_embedding(
-            c,
-            "embeddings.position_embeddings",
-            "embeddings.token_type_embeddings",
-            "embeddings.LayerNorm",
-        )?;
-        let mut layers = Vec::with_capacity(c.num_encoder_layers);
-        for i in 0..c.num_encoder_layers {
-            let p = format!("encoder.layer.{i}");
-            let a = format!("{p}.attention");
-            let self_attn = MultiHeadAttention::new(
-                r.linear(&format!("{a}.self.query"), d, d)?,
-                r.linear(&format!("{a}.self.key"), d, d)?,
-                r.linear(&format!("{a}.self.value"), d, d)?,
-                r.linear(&format!("{a}.output.dense"), d, d)?,
-                c.num_heads,
-            )?;
-            let feed_forward = FeedForward::new(
-                r.linear(&format!("{p}.intermediate.dense"), c.d_ff, d)?,
-                r.linear(&format!("{p}.output.dense"), d, c.d_ff)?,
-                c.activation,
-            )?;
-            layers.push(EncoderLayer::new(
-                self_attn,
-                feed_forward,
-                r.layer_norm(&format!("{a}.output.LayerNorm"), d, eps)?,
-                r.layer_norm(&format!("{p}.output.LayerNorm"), d, eps)?,
-                c.norm_position,
-            )?);
-        }
-        let norm = r.final_norm(c, "encoder.norm")?;
+        let mut r = Reader::new(bytes, &naming::BERT, options)?;
+        let model = EncoderModel::from_scope(&mut Scope::root(&mut r), config)?;
         let unused: Vec<String> = r
             .unused()
             .into_iter()
@@ -196,7 +159,7 @@ impl EncoderModel {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        EncoderModel::from_parts(config, tokens, input, Encoder::new(layers, norm)?)
+        Ok(model)
     }
 
     /// Loads a Hugging Face BERT directory: `config.json` and `model.safetensors`, strictly.
@@ -221,11 +184,7 @@ impl EncoderModel {
     /// # Errors
     /// [`Error::Safetensors`] if serialisation fails.
     pub fn to_hf_bert_safetensors(&self) -> Result<Vec<u8>> {
-        let mut tensors = Vec::new();
-        visit_parameters(self, true, &mut |name, t| {
-            tensors.push((name, F32Tensor::new(t)))
-        });
-        crate::weights::serialize(tensors)
+        serialize(file_tensors(self, &naming::BERT)?)
     }
 }
 
@@ -235,49 +194,6 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Calls `f` with every parameter of an encoder-only model under its Hugging Face BERT name;
-/// with `values` false the linear layers' weights come as shape-only views (for counting).
-pub(crate) fn visit_parameters(model: &EncoderModel, values: bool, f: &mut Visitor) {
-    let linear = |f: &mut Visitor, name: &str, l: &Linear| visit_linear(f, values, name, l);
-    let norm = visit_norm;
-    f(
-        "embeddings.word_embeddings.weight".into(),
-        model.tokens.weight().into_dyn().into(),
-    );
-    visit_input(
-        f,
-        &model.input,
-        model.config().embedding.positions,
-        [
-            "embeddings.position_embeddings",
-            "embeddings.token_type_embeddings",
-            "embeddings.LayerNorm",
-        ],
-    );
-    for (i, layer) in model.encoder.layers.iter().enumerate() {
-        let (p, a) = (
-            format!("encoder.layer.{i}"),
-            format!("encoder.layer.{i}.attention"),
-        );
-        let [q, k, v, o] = layer.self_attn.projections();
-        linear(f, &format!("{a}.self.query"), q);
-        linear(f, &format!("{a}.self.key"), k);
-        linear(f, &format!("{a}.self.value"), v);
-        linear(f, &format!("{a}.output.dense"), o);
-        norm(f, &format!("{a}.output.LayerNorm"), &layer.self_attn_norm);
-        linear(
-            f,
-            &format!("{p}.intermediate.dense"),
-            &layer.feed_forward.linear1,
-        );
-        linear(f, &format!("{p}.output.dense"), &layer.feed_forward.linear2);
-        norm(f, &format!("{p}.output.LayerNorm"), &layer.ffn_norm);
-    }
-    if let Some(n) = &model.encoder.norm {
-        norm(f, "encoder.norm", n);
-    }
 }
 
 #[cfg(test)]

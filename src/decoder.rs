@@ -12,12 +12,13 @@ use rand::Rng;
 use crate::attention::cache::{KeyValueCache, LayerCache};
 use crate::attention::MultiHeadAttention;
 use crate::config::{NormPosition, TransformerConfig};
-use crate::encoder::{check_input, check_widths, stack_width};
+use crate::encoder::{check_input, check_widths, load_final_norm, stack_width, visit_stack};
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
 use crate::mask::Mask;
 use crate::ops;
+use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 use crate::residual::{norm_inplace, residual};
 
 /// One decoder layer: masked self-attention, cross-attention over the memory, feed-forward,
@@ -68,6 +69,22 @@ impl DecoderLayer {
             ffn_norm,
             norm_position,
         })
+    }
+
+    /// Reads the layer's tensors (the names of its [`Parameters`] walk) from `scope`.
+    pub(crate) fn load(scope: &mut Scope, c: &TransformerConfig) -> Result<Self> {
+        let (d, eps) = (c.d_model, c.layer_norm_eps);
+        Self::new(
+            MultiHeadAttention::load(&mut scope.child("self_attn"), d, c.num_heads)?,
+            MultiHeadAttention::load(&mut scope.child("cross_attn"), d, c.num_heads)?,
+            FeedForward::load(&mut scope.child("feed_forward"), c)?,
+            [
+                LayerNorm::load(&mut scope.child("self_attn_norm"), d, eps)?,
+                LayerNorm::load(&mut scope.child("cross_attn_norm"), d, eps)?,
+                LayerNorm::load(&mut scope.child("ffn_norm"), d, eps)?,
+            ],
+            c.norm_position,
+        )
     }
 
     /// A freshly initialised layer with `config`'s widths, activation, norm order and eps.
@@ -241,6 +258,14 @@ impl Decoder {
         Ok(Decoder { layers, norm })
     }
 
+    /// Reads `layers.{i}` for each of `config`'s layers and, with `final_norm`, `norm`.
+    pub(crate) fn load(scope: &mut Scope, config: &TransformerConfig) -> Result<Self> {
+        let layers = (0..config.num_decoder_layers)
+            .map(|i| DecoderLayer::load(&mut scope.child(&format!("layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(layers, load_final_norm(scope, config)?)
+    }
+
     /// The layers.
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
@@ -390,6 +415,23 @@ pub(crate) fn check_decoder_inputs(
     }
     self_mask.check(b, tgt_len, tgt_len)?;
     cross_mask.check(b, tgt_len, memory.shape()[1])
+}
+
+impl Parameters for DecoderLayer {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "self_attn", &self.self_attn);
+        visit_child(f, "cross_attn", &self.cross_attn);
+        visit_child(f, "feed_forward", &self.feed_forward);
+        visit_child(f, "self_attn_norm", &self.self_attn_norm);
+        visit_child(f, "cross_attn_norm", &self.cross_attn_norm);
+        visit_child(f, "ffn_norm", &self.ffn_norm);
+    }
+}
+
+impl Parameters for Decoder {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_stack(f, &self.layers, self.norm.as_ref());
+    }
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! "In the embedding layers, we multiply those weights by √d_model." The scale keeps the
 //! embeddings on the same order as the positional encodings added next (§3.5).
 
-use ndarray::{Array2, Array3, ArrayView2, Axis};
+use ndarray::{ArcArray, Array2, Array3, ArrayView2, Axis, Ix2};
 use rand::Rng;
 
 use crate::error::{Error, Result};
 use crate::init;
+use crate::parameters::{Parameters, Scope, Tensor, Visitor};
 
 /// A lookup table from token ids to `d_model`-wide vectors, multiplied by √d_model.
 ///
@@ -23,7 +24,8 @@ use crate::init;
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embedding {
-    weight: Array2<f32>,
+    /// Shared (not copied) with an output projection tied to it.
+    weight: ArcArray<f32, Ix2>,
 }
 
 impl Embedding {
@@ -35,7 +37,14 @@ impl Embedding {
                 shape: weight.shape().to_vec(),
             });
         }
-        Ok(Embedding { weight })
+        Ok(Embedding {
+            weight: weight.into_shared(),
+        })
+    }
+
+    /// Reads the `[vocab, d_model]` table `weight` from `scope`.
+    pub(crate) fn load(scope: &mut Scope, vocab: usize, d_model: usize) -> Result<Self> {
+        Self::new(scope.matrix("weight", vocab, d_model)?)
     }
 
     /// A freshly initialised `[vocab, d_model]` table (Xavier uniform).
@@ -45,7 +54,7 @@ impl Embedding {
     /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn init<R: Rng + ?Sized>(vocab: usize, d_model: usize, rng: &mut R) -> Self {
         Embedding {
-            weight: init::xavier_uniform(vocab, d_model, d_model, vocab, rng),
+            weight: init::xavier_uniform(vocab, d_model, d_model, vocab, rng).into_shared(),
         }
     }
 
@@ -62,6 +71,11 @@ impl Embedding {
     /// The table, `[vocab, d_model]`, unscaled.
     pub fn weight(&self) -> ArrayView2<'_, f32> {
         self.weight.view()
+    }
+
+    /// The table itself, shared: for a projection tied to it.
+    pub(crate) fn shared_weight(&self) -> ArcArray<f32, Ix2> {
+        self.weight.clone()
     }
 
     /// Looks up `ids` and multiplies by √d_model.
@@ -88,6 +102,12 @@ impl Embedding {
             }
         }
         out
+    }
+}
+
+impl Parameters for Embedding {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        f("weight", Tensor::Plain(self.weight.view().into_dyn()));
     }
 }
 

@@ -15,6 +15,7 @@ use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
 use crate::mask::Mask;
 use crate::ops;
+use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 use crate::residual::{norm_inplace, residual};
 
 /// One encoder layer: `x → Norm(x + SelfAttn(x)) → Norm(x + FFN(x))` (post-LN), or the pre-LN order.
@@ -54,6 +55,18 @@ impl EncoderLayer {
             ffn_norm,
             norm_position,
         })
+    }
+
+    /// Reads the layer's tensors (the names of its [`Parameters`] walk) from `scope`.
+    pub(crate) fn load(scope: &mut Scope, c: &TransformerConfig) -> Result<Self> {
+        let (d, eps) = (c.d_model, c.layer_norm_eps);
+        Self::new(
+            MultiHeadAttention::load(&mut scope.child("self_attn"), d, c.num_heads)?,
+            FeedForward::load(&mut scope.child("feed_forward"), c)?,
+            LayerNorm::load(&mut scope.child("self_attn_norm"), d, eps)?,
+            LayerNorm::load(&mut scope.child("ffn_norm"), d, eps)?,
+            c.norm_position,
+        )
     }
 
     /// A freshly initialised layer with `config`'s widths, activation, norm order and eps.
@@ -164,6 +177,14 @@ impl Encoder {
         )?;
         debug_assert!(d_model > 0);
         Ok(Encoder { layers, norm })
+    }
+
+    /// Reads `layers.{i}` for each of `config`'s layers and, with `final_norm`, `norm`.
+    pub(crate) fn load(scope: &mut Scope, config: &TransformerConfig) -> Result<Self> {
+        let layers = (0..config.num_encoder_layers)
+            .map(|i| EncoderLayer::load(&mut scope.child(&format!("layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(layers, load_final_norm(scope, config)?)
     }
 
     /// The layers.
@@ -312,6 +333,52 @@ pub(crate) fn stack_width(
     let parts: Vec<(&str, usize)> = parts.iter().map(|(n, w)| (n.as_str(), *w)).collect();
     check_widths(d_model, &parts)?;
     Ok(d_model)
+}
+
+impl Parameters for EncoderLayer {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "self_attn", &self.self_attn);
+        visit_child(f, "feed_forward", &self.feed_forward);
+        visit_child(f, "self_attn_norm", &self.self_attn_norm);
+        visit_child(f, "ffn_norm", &self.ffn_norm);
+    }
+}
+
+impl Parameters for Encoder {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_stack(f, &self.layers, self.norm.as_ref());
+    }
+}
+
+/// A stack's `layers.{i}` and its final `norm`.
+pub(crate) fn visit_stack<'a, L: Parameters>(
+    f: &mut Visitor<'_, 'a>,
+    layers: &'a [L],
+    norm: Option<&'a LayerNorm>,
+) {
+    for (i, layer) in layers.iter().enumerate() {
+        visit_child(f, &format!("layers.{i}"), layer);
+    }
+    if let Some(n) = norm {
+        visit_child(f, "norm", n);
+    }
+}
+
+/// A stack's final `norm` when `config.final_norm` asks for one.
+pub(crate) fn load_final_norm(
+    scope: &mut Scope,
+    config: &TransformerConfig,
+) -> Result<Option<LayerNorm>> {
+    config
+        .final_norm
+        .then(|| {
+            LayerNorm::load(
+                &mut scope.child("norm"),
+                config.d_model,
+                config.layer_norm_eps,
+            )
+        })
+        .transpose()
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
 use crate::mask::{KeyPaddingMask, Mask};
+use crate::naming;
+use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
 
 /// Token ids in, contextual token vectors out.
 ///
@@ -110,6 +112,16 @@ impl EncoderModel {
         })
     }
 
+    /// Reads every tensor under the names of the [`Parameters`] walk from `scope`.
+    pub(crate) fn from_scope(scope: &mut Scope, config: TransformerConfig) -> Result<Self> {
+        config.validate_encoder()?;
+        let c = &config;
+        let tokens = Embedding::load(&mut scope.child("tokens"), c.src_vocab, c.d_model)?;
+        let input = InputEmbedding::load(&mut scope.child("input"), c)?;
+        let encoder = Encoder::load(&mut scope.child("encoder"), c)?;
+        Self::from_parts(config, tokens, input, encoder)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TransformerConfig {
         &self.config
@@ -130,11 +142,16 @@ impl EncoderModel {
         &self.encoder
     }
 
+    /// Every parameter under the crate's own name for it (`tokens.weight`,
+    /// `encoder.layers.0.self_attn.q_proj.weight`, …), as [`Transformer::named_parameters`](crate::Transformer::named_parameters)
+    /// lists them; [`to_hf_bert_safetensors`](Self::to_hf_bert_safetensors) renames them.
+    pub fn named_parameters(&self) -> Vec<(String, ndarray::CowArray<'_, f32, ndarray::IxDyn>)> {
+        parameters::named_values(self)
+    }
+
     /// Number of parameters.
     pub fn num_parameters(&self) -> usize {
-        let mut n = 0;
-        crate::bert::visit_parameters(self, false, &mut |_, t| n += t.len());
-        n
+        parameters::count(self)
     }
 
     /// Checks that every parameter is finite; the first NaN or infinity is an
@@ -143,7 +160,7 @@ impl EncoderModel {
     /// # Errors
     /// [`Error::NonFinite`].
     pub fn check_finite(&self) -> Result<()> {
-        crate::weights::check_finite_parameters(|f| crate::bert::visit_parameters(self, true, f))
+        naming::BERT.check_finite(self)
     }
 
     /// The encoder's input: token embeddings, positions and types, normed if configured.
@@ -232,6 +249,15 @@ impl EncoderModel {
         let x = self.embed(ids, token_types)?;
         let mask = Mask::none().with_key_padding_opt(padding);
         self.encoder.forward_traced(x.view(), &mask)
+    }
+}
+
+/// `tokens`, `input` and `encoder`.
+impl Parameters for EncoderModel {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "tokens", &self.tokens);
+        visit_child(f, "input", &self.input);
+        visit_child(f, "encoder", &self.encoder);
     }
 }
 

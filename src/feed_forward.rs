@@ -6,10 +6,11 @@
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 use rand::Rng;
 
-use crate::config::Activation;
+use crate::config::{Activation, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ops;
+use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 
 /// `linear2(activation(linear1(x)))`, widths `d_model → d_ff → d_model`.
 ///
@@ -48,6 +49,14 @@ impl FeedForward {
             linear2,
             activation,
         })
+    }
+
+    /// Reads `linear1` and `linear2` with `config`'s widths from `scope`.
+    pub(crate) fn load(scope: &mut Scope, config: &TransformerConfig) -> Result<Self> {
+        let (d, d_ff) = (config.d_model, config.d_ff);
+        let linear1 = Linear::load(&mut scope.child("linear1"), d_ff, d)?;
+        let linear2 = Linear::load(&mut scope.child("linear2"), d, d_ff)?;
+        Self::new(linear1, linear2, config.activation)
     }
 
     /// Freshly initialised (Xavier-uniform weights, zero biases).
@@ -124,6 +133,14 @@ impl FeedForward {
         };
         let hidden = self.linear1.forward_2d_with(x, epilogue);
         self.linear2.forward_2d(hidden.view())
+    }
+}
+
+/// `linear1` (W₁, `[d_ff, d_model]`) and `linear2` (W₂, `[d_model, d_ff]`), as in PyTorch.
+impl Parameters for FeedForward {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "linear1", &self.linear1);
+        visit_child(f, "linear2", &self.linear2);
     }
 }
 

@@ -13,6 +13,7 @@ use crate::embedding::{check_ids, Embedding};
 use crate::error::{Error, Result};
 use crate::init;
 use crate::layer_norm::LayerNorm;
+use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 use crate::positional::PositionalEncoding;
 use crate::residual::norm_inplace;
 
@@ -95,6 +96,28 @@ impl InputEmbedding {
         } else {
             None
         };
+        Self::new(positions, token_types, norm, e.scale)
+    }
+
+    /// Reads the parts `config.embedding` asks for from `scope`: `positions.weight` when
+    /// learned, `token_types.weight` and `norm.{weight,bias}` when present.
+    pub(crate) fn load(scope: &mut Scope, config: &TransformerConfig) -> Result<Self> {
+        let (e, d) = (&config.embedding, config.d_model);
+        let positions = match e.positions {
+            Positions::Sinusoidal => PositionalEncoding::new(config.max_len, d),
+            Positions::Learned => PositionalEncoding::learned(scope.child("positions").matrix(
+                "weight",
+                config.max_len,
+                d,
+            )?)?,
+        };
+        let token_types = (e.type_vocab > 0)
+            .then(|| Embedding::load(&mut scope.child("token_types"), e.type_vocab, d))
+            .transpose()?;
+        let norm = e
+            .norm
+            .then(|| LayerNorm::load(&mut scope.child("norm"), d, config.layer_norm_eps))
+            .transpose()?;
         Self::new(positions, token_types, norm, e.scale)
     }
 
@@ -226,6 +249,18 @@ impl InputEmbedding {
             norm_inplace(norm, &mut x);
         }
         x
+    }
+}
+
+impl Parameters for InputEmbedding {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "positions", &self.positions);
+        if let Some(t) = &self.token_types {
+            visit_child(f, "token_types", t);
+        }
+        if let Some(n) = &self.norm {
+            visit_child(f, "norm", n);
+        }
     }
 }
 

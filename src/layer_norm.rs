@@ -9,6 +9,7 @@ use ndarray::{Array, Array1, ArrayView, ArrayView1, ArrayView2, ArrayViewMut2, D
 use crate::config::validate_eps;
 use crate::error::{Error, Result};
 use crate::ops;
+use crate::parameters::{Parameters, Scope, Tensor, Visitor};
 
 /// LayerNorm over the last axis with learned gain `gamma` and bias `beta`.
 ///
@@ -51,6 +52,13 @@ impl LayerNorm {
     pub fn identity(d_model: usize, eps: f32) -> Result<Self> {
         crate::config::check_elements("d_model", "the LayerNorm gain [d_model]", &[d_model])?;
         Self::new(Array1::ones(d_model), Array1::zeros(d_model), eps)
+    }
+
+    /// Reads γ (`weight`) and β (`bias`), `[d_model]` each, from `scope`.
+    pub(crate) fn load(scope: &mut Scope, d_model: usize, eps: f32) -> Result<Self> {
+        let gamma = scope.vector("weight", d_model)?;
+        let beta = scope.vector("bias", d_model)?;
+        Self::new(gamma, beta, eps)
     }
 
     /// Width normalised over.
@@ -107,6 +115,14 @@ impl LayerNorm {
     /// `x = LayerNorm(x + y)` on rows `[rows, d_model]`: a post-LN residual connection (§5.4).
     pub(crate) fn add_forward_inplace(&self, x: ArrayViewMut2<f32>, y: ArrayView2<f32>) {
         ops::layer_norm_rows_inplace(x, Some(y), self.gamma.view(), self.beta.view(), self.eps);
+    }
+}
+
+/// γ as `weight` and β as `bias`, PyTorch's names.
+impl Parameters for LayerNorm {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        f("weight", Tensor::Plain(self.gamma.view().into_dyn()));
+        f("bias", Tensor::Plain(self.beta.view().into_dyn()));
     }
 }
 

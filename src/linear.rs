@@ -1,20 +1,22 @@
 //! The affine map `y = x Wᵀ + b` used by every projection of the model.
 
 use ndarray::{
-    ArcArray, Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, ArrayView3, Axis, Dim,
-    Dimension, Ix3, IxDyn,
+    ArcArray, Array, Array1, Array2, ArrayView, ArrayView1, ArrayView2, ArrayViewMut2, Axis,
+    CowArray, Dim, Dimension, Ix2, Ix3, IxDyn,
 };
 use rand::Rng;
 
 use crate::error::{Error, Result};
+use crate::parameters::{Parameters, Scope, Tensor, Visitor};
 use crate::{huge_pages, init, ops};
 
 /// A fully connected layer, `y = x Wᵀ + b`, with the weight in PyTorch's `[out, in]` layout.
 ///
 /// The weight is kept transposed (`Wᵀ`, `[in, out]`) and cut into panels of 128 output
 /// columns, each contiguous, so that the product `x Wᵀ` reads it front to back whatever the
-/// number of rows (the layout of `src/ops.rs`). [`weight`](Self::weight) gives PyTorch's
-/// `[out, in]` back.
+/// number of rows (the layout of `src/ops/panels.rs`). [`weight`](Self::weight) gives
+/// PyTorch's `[out, in]` back. A projection tied to an embedding table (§3.4) reads the
+/// table's rows in place instead.
 ///
 /// ```
 /// use ndarray::{array, Array3};
@@ -28,12 +30,19 @@ use crate::{huge_pages, init, ops};
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Linear {
-    /// `Wᵀ` in panels, `[out.div_ceil(128), in, 128]` (`ops::pack_panels`); possibly one part of
-    /// a larger allocation shared with sibling layers ([`pack_weights`]). Never written after
-    /// construction.
-    panels: ArcArray<f32, Ix3>,
+    weight: Stored,
     out_features: usize,
     bias: Option<Array1<f32>>,
+}
+
+/// How a [`Linear`] keeps its weight. Never written after construction.
+#[derive(Debug, Clone, PartialEq)]
+enum Stored {
+    /// `Wᵀ` in panels, `[out.div_ceil(128), in, 128]` (`ops::pack_panels`); possibly one part
+    /// of a larger allocation shared with sibling layers ([`pack_weights`]).
+    Panels(ArcArray<f32, Ix3>),
+    /// `W` itself, `[out, in]`, shared with the embedding table it is tied to.
+    Rows(ArcArray<f32, Ix2>),
 }
 
 impl Linear {
@@ -74,15 +83,36 @@ impl Linear {
     pub(crate) fn from_parts(weight: Array2<f32>, bias: Option<Array1<f32>>) -> Self {
         debug_assert!(bias.as_ref().is_none_or(|b| b.len() == weight.nrows()));
         Linear {
-            panels: ops::pack_panels(weight.t()).into_shared(),
+            weight: Stored::Panels(ops::pack_panels(weight.t()).into_shared()),
             out_features: weight.nrows(),
             bias,
         }
     }
 
+    /// A layer whose weight is `table`, `[out, in]`, shared and not copied: the output
+    /// projection tied to the target embedding (§3.4).
+    pub(crate) fn tied(table: ArcArray<f32, Ix2>, bias: Option<Array1<f32>>) -> Self {
+        debug_assert!(bias.as_ref().is_none_or(|b| b.len() == table.nrows()));
+        Linear {
+            out_features: table.nrows(),
+            weight: Stored::Rows(table),
+            bias,
+        }
+    }
+
+    /// Reads `{weight, bias}` of an `[out, in]` layer from `scope`.
+    pub(crate) fn load(scope: &mut Scope, out_features: usize, in_features: usize) -> Result<Self> {
+        let weight = scope.matrix("weight", out_features, in_features)?;
+        let bias = scope.vector("bias", out_features)?;
+        Ok(Self::from_parts(weight, Some(bias)))
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.panels.shape()[1]
+        match &self.weight {
+            Stored::Panels(p) => p.shape()[1],
+            Stored::Rows(w) => w.ncols(),
+        }
     }
 
     /// Output width.
@@ -92,12 +122,23 @@ impl Linear {
 
     /// The weight, `[out, in]`: a copy in PyTorch's layout of the stored panels.
     pub fn weight(&self) -> Array2<f32> {
-        ops::unpack_panels(self.panels.view(), self.out_features)
+        self.weight_view().into_owned()
     }
 
-    /// The weight as stored: `Wᵀ` in panels, `[out.div_ceil(128), in, 128]`.
-    pub(crate) fn stored(&self) -> ArrayView3<'_, f32> {
-        self.panels.view()
+    /// The weight, `[out, in]`: borrowed when tied, a copy of the panels otherwise.
+    pub(crate) fn weight_view(&self) -> CowArray<'_, f32, Ix2> {
+        match &self.weight {
+            Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
+            Stored::Rows(w) => w.view().into(),
+        }
+    }
+
+    /// The weight as the kernels take it.
+    fn kernel_weight(&self) -> ops::Weight<'_> {
+        match &self.weight {
+            Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
+            Stored::Rows(w) => ops::Weight::Plain(w.view()),
+        }
     }
 
     /// The bias, `[out]`, if the layer has one.
@@ -155,12 +196,25 @@ impl Linear {
         x: ArrayView2<f32>,
         epilogue: ops::Epilogue,
     ) -> Array2<f32> {
-        ops::linear(
-            x,
-            ops::Weight::Panels(self.panels.view(), self.out_features),
-            self.bias(),
-            epilogue,
-        )
+        ops::linear(x, self.kernel_weight(), self.bias(), epilogue)
+    }
+
+    /// `x Wᵀ + b` written into `y: [rows, out]` (any contents, overwritten).
+    pub(crate) fn forward_2d_into(&self, x: ArrayView2<f32>, y: ArrayViewMut2<f32>) {
+        ops::linear_into(x, self.kernel_weight(), self.bias(), ops::Epilogue::Bias, y)
+    }
+}
+
+impl Parameters for Linear {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        match &self.weight {
+            Stored::Panels(p) => f("weight", Tensor::Panels(p.view(), self.out_features)),
+            // A tied weight is reported by the table that owns it.
+            Stored::Rows(_) => {}
+        }
+        if let Some(b) = &self.bias {
+            f("bias", Tensor::Plain(b.view().into_dyn()));
+        }
     }
 }
 
@@ -168,21 +222,30 @@ impl Linear {
 /// large enough for 2 MiB pages (`src/huge_pages.rs`) where each alone is not (the four
 /// `[512, 512]` projections of an attention layer are 1 MiB each). Values do not change.
 pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
-    let Some(first) = layers.first() else {
+    let panels: Option<Vec<&ArcArray<f32, Ix3>>> = layers
+        .iter()
+        .map(|l| match &l.weight {
+            Stored::Panels(p) => Some(p),
+            Stored::Rows(_) => None,
+        })
+        .collect();
+    let Some(panels) = panels else {
         return;
     };
-    let shape = first.panels.dim();
-    if layers.iter().any(|l| l.panels.dim() != shape) {
+    let Some(shape) = panels.first().map(|p| p.dim()) else {
+        return;
+    };
+    if panels.iter().any(|p| p.dim() != shape) {
         return;
     }
-    let (panels, rows, cols) = shape;
-    let mut storage = huge_pages::zeros(Dim([layers.len(), panels, rows, cols]));
-    for (mut slot, layer) in storage.outer_iter_mut().zip(layers.iter()) {
-        slot.assign(&layer.panels);
+    let (count, rows, cols) = shape;
+    let mut storage = huge_pages::zeros(Dim([layers.len(), count, rows, cols]));
+    for (mut slot, p) in storage.outer_iter_mut().zip(panels) {
+        slot.assign(p);
     }
     let storage = storage.into_shared();
     for (i, layer) in layers.iter_mut().enumerate() {
-        layer.panels = storage.clone().index_axis_move(Axis(0), i);
+        layer.weight = Stored::Panels(storage.clone().index_axis_move(Axis(0), i));
     }
 }
 
@@ -225,7 +288,11 @@ mod tests {
         }
         // One allocation, the layers one after the other (500 columns in 4 panels of 128).
         let stride = 4 * 600 * 128;
-        let (p0, p2) = (packed[0].panels.as_ptr(), packed[2].panels.as_ptr());
+        let ptr = |l: &Linear| match &l.weight {
+            Stored::Panels(p) => p.as_ptr(),
+            Stored::Rows(_) => unreachable!("packed layers hold panels"),
+        };
+        let (p0, p2) = (ptr(&packed[0]), ptr(&packed[2]));
         assert_eq!(
             p2 as usize - p0 as usize,
             2 * stride * std::mem::size_of::<f32>()

@@ -10,6 +10,7 @@
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut3};
 
 use crate::error::{Error, Result};
+use crate::parameters::{Parameters, Tensor, Visitor};
 
 /// A `[max_len, d_model]` table of position vectors added to the embeddings: the sinusoids of
 /// §3.5 (sin and cos interleaved), precomputed, or a learned table.
@@ -26,6 +27,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct PositionalEncoding {
     table: Array2<f32>,
+    /// A learned table is a parameter; the sinusoids are computed, like a PyTorch buffer.
+    learned: bool,
 }
 
 impl PositionalEncoding {
@@ -45,7 +48,10 @@ impl PositionalEncoding {
             };
             v as f32
         });
-        PositionalEncoding { table }
+        PositionalEncoding {
+            table,
+            learned: false,
+        }
     }
 
     /// A learned table `[max_len, d_model]` (e.g. BERT's `position_embeddings.weight`).
@@ -59,7 +65,10 @@ impl PositionalEncoding {
                 shape: table.shape().to_vec(),
             });
         }
-        Ok(PositionalEncoding { table })
+        Ok(PositionalEncoding {
+            table,
+            learned: true,
+        })
     }
 
     /// Number of positions the table covers.
@@ -121,6 +130,15 @@ impl PositionalEncoding {
             b += &rows;
         }
         Ok(())
+    }
+}
+
+/// A learned table as `weight`; the sinusoidal one has no parameters.
+impl Parameters for PositionalEncoding {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        if self.learned {
+            f("weight", Tensor::Plain(self.table.view().into_dyn()));
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 use std::hash::{Hash, Hasher};
 
 use ndarray::{
-    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut3, Axis,
-    CowArray, Dim, Ix2,
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut3, Axis, CowArray, Dim,
+    Ix2, IxDyn,
 };
 use rand::Rng;
 
@@ -18,8 +18,11 @@ use crate::error::{Error, Result};
 use crate::huge_pages;
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
+use crate::linear::Linear;
 use crate::mask::{KeyPaddingMask, Mask};
+use crate::naming;
 use crate::ops;
+use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
 use crate::positional::PositionalEncoding;
 
 /// The Transformer: token ids in, next-token logits out.
@@ -52,10 +55,9 @@ pub struct Transformer {
     pub(crate) input: InputEmbedding,
     pub(crate) encoder: Encoder,
     pub(crate) decoder: Decoder,
-    /// The output projection's weight transposed, `[d_model, tgt_vocab]`, in the panels its
-    /// products read (see [`Linear`](crate::Linear)); `None` when tied to the target embedding.
-    generator_panels: Option<Array3<f32>>,
-    pub(crate) generator_bias: Array1<f32>,
+    /// The output projection (§3.4), `[tgt_vocab, d_model]`; its weight is the target
+    /// embedding's table when tied.
+    output: Linear,
     /// A hash of the config and a sample of the weights, so a [`DecoderCache`] can tell
     /// whether it was made by this model (equal weights give equal fingerprints).
     fingerprint: u64,
@@ -101,10 +103,10 @@ impl Transformer {
         let encoder = Encoder::new(encoder_layers, final_norm()?)?;
         let decoder = Decoder::new(decoder_layers, final_norm()?)?;
         let input = InputEmbedding::init(c, rng)?;
-        let generator_weight = (!c.tie_output_projection).then(|| {
+        let projection_weight = (!c.tie_output_projection).then(|| {
             crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng)
         });
-        let generator_bias = Array1::zeros(c.tgt_vocab);
+        let projection_bias = Array1::zeros(c.tgt_vocab);
         Self::from_parts(
             config,
             src_embed,
@@ -112,7 +114,7 @@ impl Transformer {
             input,
             encoder,
             decoder,
-            (generator_weight, generator_bias),
+            (projection_weight, projection_bias),
         )
     }
 
@@ -124,11 +126,18 @@ impl Transformer {
         input: InputEmbedding,
         encoder: Encoder,
         decoder: Decoder,
-        (generator_weight, generator_bias): (Option<Array2<f32>>, Array1<f32>),
+        (projection_weight, projection_bias): (Option<Array2<f32>>, Array1<f32>),
     ) -> Result<Self> {
         config.validate()?;
         debug_assert_eq!(tgt_embed.is_none(), config.share_embeddings);
-        debug_assert_eq!(generator_weight.is_none(), config.tie_output_projection);
+        debug_assert_eq!(projection_weight.is_none(), config.tie_output_projection);
+        let output = match projection_weight {
+            Some(w) => Linear::from_parts(w, Some(projection_bias)),
+            None => Linear::tied(
+                tgt_embed.as_ref().unwrap_or(&src_embed).shared_weight(),
+                Some(projection_bias),
+            ),
+        };
         let mut model = Transformer {
             config,
             src_embed,
@@ -136,12 +145,53 @@ impl Transformer {
             input,
             encoder,
             decoder,
-            generator_panels: generator_weight.map(|w| ops::pack_panels(w.t())),
-            generator_bias,
+            output,
             fingerprint: 0,
         };
         model.fingerprint = model.compute_fingerprint();
         Ok(model)
+    }
+
+    /// Reads every tensor under the names of the [`Parameters`] walk from `scope`. A file that
+    /// also stores a shared or tied matrix under its second name must store the same values.
+    pub(crate) fn from_scope(scope: &mut Scope, config: TransformerConfig) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let d = c.d_model;
+        let src_embed = Embedding::load(&mut scope.child("src_embed"), c.src_vocab, d)?;
+        let tgt_embed = if c.share_embeddings {
+            scope.check_alias("tgt_embed.weight", "src_embed.weight", src_embed.weight())?;
+            None
+        } else {
+            Some(Embedding::load(
+                &mut scope.child("tgt_embed"),
+                c.tgt_vocab,
+                d,
+            )?)
+        };
+        let input = InputEmbedding::load(&mut scope.child("input"), c)?;
+        let encoder = Encoder::load(&mut scope.child("encoder"), c)?;
+        let decoder = Decoder::load(&mut scope.child("decoder"), c)?;
+        let projection_weight = if c.tie_output_projection {
+            let (tied, of) = match &tgt_embed {
+                Some(t) => (t, "tgt_embed.weight"),
+                None => (&src_embed, "src_embed.weight"),
+            };
+            scope.check_alias("output.weight", of, tied.weight())?;
+            None
+        } else {
+            Some(scope.matrix("output.weight", c.tgt_vocab, d)?)
+        };
+        let projection_bias = scope.vector("output.bias", c.tgt_vocab)?;
+        Self::from_parts(
+            config,
+            src_embed,
+            tgt_embed,
+            input,
+            encoder,
+            decoder,
+            (projection_weight, projection_bias),
+        )
     }
 
     /// The configuration.
@@ -184,17 +234,42 @@ impl Transformer {
     ///
     /// An untied weight is stored in the panels its products read and comes back as a copy.
     pub fn output_weight(&self) -> CowArray<'_, f32, Ix2> {
-        match &self.generator_panels {
-            Some(panels) => ops::unpack_panels(panels.view(), self.config.tgt_vocab).into(),
-            None => self.tgt_embedding().weight().into(),
-        }
+        self.output.weight_view()
+    }
+
+    /// The output projection (§3.4): `[tgt_vocab, d_model]`, the target embedding's table as
+    /// its weight when tied.
+    pub fn output_projection(&self) -> &Linear {
+        &self.output
+    }
+
+    /// Every parameter under the crate's own name for it, in PyTorch's layout, the way
+    /// PyTorch's `named_parameters()` lists them: each once (a shared or tied matrix under its
+    /// first owner), named by where it sits, e.g. `decoder.layers.0.cross_attn.k_proj.weight`.
+    /// The checkpoint formats rename these (see [`crate::weights`]); weights stored in panels
+    /// come back as copies.
+    ///
+    /// ```
+    /// use rand::{rngs::StdRng, SeedableRng};
+    /// use ndtransformer::{Transformer, TransformerConfig};
+    /// let config = TransformerConfig { d_model: 8, num_heads: 2, d_ff: 16, num_encoder_layers: 1,
+    ///     num_decoder_layers: 1, ..TransformerConfig::base(10, 10) };
+    /// let model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
+    /// let named = model.named_parameters();
+    /// assert_eq!(named[0].0, "src_embed.weight");
+    /// assert!(named.iter().any(|(name, t)| name == "encoder.layers.0.self_attn.q_proj.weight"
+    ///     && t.shape() == [8, 8]));
+    /// let total: usize = named.iter().map(|(_, t)| t.len()).sum();
+    /// assert_eq!(total, model.num_parameters());
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
+    pub fn named_parameters(&self) -> Vec<(String, CowArray<'_, f32, IxDyn>)> {
+        parameters::named_values(self)
     }
 
     /// Number of parameters (a shared or tied matrix counted once).
     pub fn num_parameters(&self) -> usize {
-        let mut n = 0;
-        crate::weights::visit_parameters(self, false, &mut |_, t| n += t.len());
-        n
+        parameters::count(self)
     }
 
     /// Checks that every weight is finite; the first NaN or infinity is an
@@ -214,7 +289,7 @@ impl Transformer {
     /// # Ok::<(), ndtransformer::Error>(())
     /// ```
     pub fn check_finite(&self) -> Result<()> {
-        crate::weights::check_finite_parameters(|f| crate::weights::visit_parameters(self, true, f))
+        naming::PYTORCH.check_finite(self)
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.
@@ -355,24 +430,9 @@ impl Transformer {
 
     pub(crate) fn project_unchecked(&self, decoded: ArrayView3<f32>) -> Array3<f32> {
         let (b, len, _) = decoded.dim();
-        with_rows(decoded, |flat| {
-            ops::linear(
-                flat,
-                self.generator_weight(),
-                Some(self.generator_bias.view()),
-                ops::Epilogue::Bias,
-            )
-        })
-        .into_shape_with_order((b, len, self.config.tgt_vocab))
-        .expect("same element count")
-    }
-
-    /// The output projection's weight as the kernels take it.
-    fn generator_weight(&self) -> ops::Weight<'_> {
-        match &self.generator_panels {
-            Some(panels) => ops::Weight::Panels(panels.view(), self.config.tgt_vocab),
-            None => ops::Weight::Plain(self.tgt_embedding().weight()),
-        }
+        with_rows(decoded, |flat| self.output.forward_2d(flat))
+            .into_shape_with_order((b, len, self.config.tgt_vocab))
+            .expect("same element count")
     }
 
     /// [`project`](Self::project) written into `logits`, a buffer the caller keeps from call to
@@ -413,15 +473,7 @@ impl Transformer {
         let logits = logits
             .into_shape_with_order((b * len, self.config.tgt_vocab))
             .expect("standard layout, checked above");
-        with_rows(decoded, |flat| {
-            ops::linear_into(
-                flat,
-                self.generator_weight(),
-                Some(self.generator_bias.view()),
-                ops::Epilogue::Bias,
-                logits,
-            )
-        });
+        with_rows(decoded, |flat| self.output.forward_2d_into(flat, logits));
     }
 
     /// The full model: logits for every target position (teacher forcing).
@@ -628,33 +680,32 @@ impl Transformer {
     fn compute_fingerprint(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         format!("{:?}", self.config).hash(&mut h);
-        // Every 97th stored value (weights in panels as stored: equal weights, equal panels).
-        let mut sample = |a: ArrayViewD<f32>| {
-            for v in a.iter().step_by(97) {
+        // Every 97th stored value of what decoding reads (weights in panels as stored: equal
+        // weights, equal panels).
+        let mut sample = |_: &str, t: parameters::Tensor| {
+            for v in t.stored().iter().step_by(97) {
                 v.to_bits().hash(&mut h);
             }
         };
-        sample(self.tgt_embedding().weight().into_dyn());
-        if let Some(panels) = &self.generator_panels {
-            sample(panels.view().into_dyn());
-        }
-        for layer in &self.decoder.layers {
-            for p in layer
-                .self_attn
-                .projections()
-                .into_iter()
-                .chain(layer.cross_attn.projections())
-            {
-                sample(p.stored().into_dyn());
-            }
-            let (l1, l2) = layer.feed_forward.layers();
-            sample(l1.stored().into_dyn());
-            sample(l2.stored().into_dyn());
-        }
-        for v in self.generator_bias.iter() {
-            v.to_bits().hash(&mut h);
-        }
+        self.tgt_embedding().visit(&mut sample);
+        self.decoder.visit(&mut sample);
+        self.output.visit(&mut sample);
         h.finish()
+    }
+}
+
+/// `src_embed`, `tgt_embed` (unless shared), `input`, `encoder`, `decoder` and `output` (its
+/// weight only when not tied).
+impl Parameters for Transformer {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "src_embed", &self.src_embed);
+        if let Some(t) = &self.tgt_embed {
+            visit_child(f, "tgt_embed", t);
+        }
+        visit_child(f, "input", &self.input);
+        visit_child(f, "encoder", &self.encoder);
+        visit_child(f, "decoder", &self.decoder);
+        visit_child(f, "output", &self.output);
     }
 }
 

@@ -20,29 +20,24 @@
 //! (`[type_vocab, d_model]`) and `embed_norm.{weight,bias}`; one set serves source and target.
 //! Without `final_norm` the two stack norms are absent. BERT checkpoints in Hugging Face's
 //! names load into an [`EncoderModel`](crate::EncoderModel) through [`crate::bert`].
+//!
+//! Loading and saving go through the model's one walk of its parameters
+//! ([`Transformer::named_parameters`] lists its names); the PyTorch names are a table over it
+//! (`src/naming.rs`), so a file format is a table of renames and stacked tensors.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use half::{bf16, f16};
-use ndarray::{
-    concatenate, s, Array1, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, CowArray, IxDyn,
-    ShapeBuilder, Zip,
-};
+use ndarray::{ArrayD, ArrayView2, ArrayViewD, Axis, CowArray, IxDyn, Zip};
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::attention::MultiHeadAttention;
-use crate::config::{Positions, TransformerConfig};
-use crate::decoder::{Decoder, DecoderLayer};
-use crate::embedding::Embedding;
-use crate::encoder::{Encoder, EncoderLayer};
+use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
-use crate::feed_forward::FeedForward;
-use crate::input_embedding::InputEmbedding;
-use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
-use crate::positional::PositionalEncoding;
+use crate::naming::{self, Naming};
+use crate::parameters::{first_non_finite, Parameters, Scope, Source};
 use crate::transformer::Transformer;
 
 /// How to read a weights file.
@@ -109,9 +104,11 @@ pub struct LoadReport {
     pub converted: Vec<String>,
 }
 
-/// Named f32 tensors read from a safetensors buffer, tracking which were used.
+/// Named f32 tensors read from a safetensors buffer through a format's [`Naming`], tracking
+/// which were used: the [`Source`] that models load from.
 pub(crate) struct Reader<'a> {
     file: SafeTensors<'a>,
+    naming: &'static Naming,
     prefix: String,
     convert_half: bool,
     check_finite: bool,
@@ -120,11 +117,16 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(bytes: &'a [u8], options: &LoadOptions) -> Result<Self> {
+    pub(crate) fn new(
+        bytes: &'a [u8],
+        naming: &'static Naming,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let file = SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Safetensors(describe_safetensors_error(&e, bytes)))?;
         Ok(Reader {
             file,
+            naming,
             prefix: options.prefix.clone(),
             convert_half: options.convert_half,
             check_finite: options.check_finite,
@@ -133,9 +135,9 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// The tensor `name` (without prefix), which must have `shape` and dtype F32 (or F16/BF16
-    /// when converting).
-    pub(crate) fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+    /// The file tensor `name` (without prefix), which must have `shape` and dtype F32 (or
+    /// F16/BF16 when converting).
+    fn file_tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let full = format!("{}{name}", self.prefix);
         let view = self
             .file
@@ -172,28 +174,11 @@ impl<'a> Reader<'a> {
         if self.check_finite {
             first_non_finite(&full, tensor.view())?;
         }
-        if dtype != Dtype::F32 {
+        if dtype != Dtype::F32 && !self.converted.contains(&full) {
             self.converted.push(full.clone());
         }
         self.used.insert(full);
         Ok(tensor)
-    }
-
-    pub(crate) fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
-        let t = self.tensor(name, &[rows, cols])?;
-        // The shape was checked to be [rows, cols], so the conversion cannot fail.
-        t.into_dimensionality()
-            .map_err(|e| Error::Safetensors(format!("tensor `{name}`: {e}")))
-    }
-
-    pub(crate) fn vector(&mut self, name: &str, len: usize) -> Result<Array1<f32>> {
-        let t = self.tensor(name, &[len])?;
-        t.into_dimensionality()
-            .map_err(|e| Error::Safetensors(format!("tensor `{name}`: {e}")))
-    }
-
-    pub(crate) fn has(&self, name: &str) -> bool {
-        self.file.tensor(&format!("{}{name}", self.prefix)).is_ok()
     }
 
     /// Names under the prefix that were not read.
@@ -208,110 +193,38 @@ impl<'a> Reader<'a> {
         names.sort();
         names
     }
+}
 
-    pub(crate) fn linear(
-        &mut self,
-        name: &str,
-        out_features: usize,
-        in_features: usize,
-    ) -> Result<Linear> {
-        let weight = self.matrix(&format!("{name}.weight"), out_features, in_features)?;
-        let bias = self.vector(&format!("{name}.bias"), out_features)?;
-        Ok(Linear::from_parts(weight, Some(bias)))
-    }
-
-    pub(crate) fn layer_norm(&mut self, name: &str, d_model: usize, eps: f32) -> Result<LayerNorm> {
-        let gamma = self.vector(&format!("{name}.weight"), d_model)?;
-        let beta = self.vector(&format!("{name}.bias"), d_model)?;
-        LayerNorm::new(gamma, beta, eps)
-    }
-
-    /// `nn.MultiheadAttention`: the stacked `in_proj_*` split into Q, K, V.
-    fn attention(
-        &mut self,
-        name: &str,
-        d_model: usize,
-        num_heads: usize,
-    ) -> Result<MultiHeadAttention> {
-        let d = d_model;
-        let w = self.matrix(&child(name, "in_proj_weight"), 3 * d, d)?;
-        let b = self.vector(&child(name, "in_proj_bias"), 3 * d)?;
-        let part = |i: usize| {
-            Linear::from_parts(
-                w.slice(s![i * d..(i + 1) * d, ..]).to_owned(),
-                Some(b.slice(s![i * d..(i + 1) * d]).to_owned()),
-            )
+impl Source for Reader<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let file = self.naming.file_name(name);
+        let Some((part, parts)) = file.part else {
+            return self.file_tensor(&file.name, shape);
         };
-        let out_proj = self.linear(&child(name, "out_proj"), d, d)?;
-        MultiHeadAttention::new(part(0), part(1), part(2), out_proj, num_heads)
+        let rows = shape.first().copied().unwrap_or(1);
+        let mut stacked = shape.to_vec();
+        stacked[0] = rows * parts;
+        let t = self.file_tensor(&file.name, &stacked)?;
+        Ok(
+            t.slice_axis(Axis(0), (part * rows..(part + 1) * rows).into())
+                .to_owned(),
+        )
     }
 
-    fn feed_forward(&mut self, name: &str, config: &TransformerConfig) -> Result<FeedForward> {
-        let linear1 = self.linear(&format!("{name}.linear1"), config.d_ff, config.d_model)?;
-        let linear2 = self.linear(&format!("{name}.linear2"), config.d_model, config.d_ff)?;
-        FeedForward::new(linear1, linear2, config.activation)
-    }
-
-    /// A stack's final norm when `config.final_norm` asks for one.
-    pub(crate) fn final_norm(
-        &mut self,
-        config: &TransformerConfig,
-        name: &str,
-    ) -> Result<Option<LayerNorm>> {
-        config
-            .final_norm
-            .then(|| self.layer_norm(name, config.d_model, config.layer_norm_eps))
-            .transpose()
-    }
-
-    /// The parts of [`InputEmbedding`] that `config.embedding` asks for, under the given names
-    /// (`{positions}.weight`, `{types}.weight`, `{norm}.weight`/`.bias`).
-    pub(crate) fn input_embedding(
-        &mut self,
-        config: &TransformerConfig,
-        positions: &str,
-        types: &str,
-        norm: &str,
-    ) -> Result<InputEmbedding> {
-        let (e, d) = (&config.embedding, config.d_model);
-        let positions = match e.positions {
-            Positions::Sinusoidal => PositionalEncoding::new(config.max_len, d),
-            Positions::Learned => PositionalEncoding::learned(self.matrix(
-                &format!("{positions}.weight"),
-                config.max_len,
-                d,
-            )?)?,
-        };
-        let token_types = if e.type_vocab > 0 {
-            Some(Embedding::new(self.matrix(
-                &format!("{types}.weight"),
-                e.type_vocab,
-                d,
-            )?)?)
-        } else {
-            None
-        };
-        let norm = if e.norm {
-            Some(self.layer_norm(norm, d, config.layer_norm_eps)?)
-        } else {
-            None
-        };
-        InputEmbedding::new(positions, token_types, norm, e.scale)
-    }
-
-    /// A tensor that must equal one already loaded (a shared or tied matrix saved twice).
-    fn alias(&mut self, name: &str, of: &str, expected: &Array2<f32>) -> Result<()> {
-        if !self.has(name) {
+    fn check_alias(&mut self, name: &str, of: &str, expected: ArrayView2<f32>) -> Result<()> {
+        let file = self.naming.file_name(name).name;
+        if self.file.tensor(&format!("{}{file}", self.prefix)).is_err() {
             return Ok(());
         }
-        let found = self.matrix(name, expected.nrows(), expected.ncols())?;
+        let found = self.tensor(name, expected.shape())?;
         // NaN equals NaN here: the question is whether the file stores the same values twice.
         let same = Zip::from(&found)
-            .and(expected)
+            .and(&expected.into_dyn())
             .all(|&a, &b| a == b || (a.is_nan() && b.is_nan()));
         if !same {
+            let of = self.naming.file_name(of).name;
             return Err(Error::Safetensors(format!(
-                "`{}{name}` differs from `{}{of}`, but the config shares them",
+                "`{}{file}` differs from `{}{of}`, but the config shares them",
                 self.prefix, self.prefix
             )));
         }
@@ -335,36 +248,10 @@ impl MultiHeadAttention {
         num_heads: usize,
     ) -> Result<Self> {
         crate::config::validate_heads(d_model, num_heads)?;
-        Reader::new(bytes, &LoadOptions::with_prefix(prefix))?.attention("", d_model, num_heads)
+        let options = LoadOptions::with_prefix(prefix);
+        let mut reader = Reader::new(bytes, &naming::PYTORCH_ATTENTION, &options)?;
+        MultiHeadAttention::load(&mut Scope::root(&mut reader), d_model, num_heads)
     }
-}
-
-/// `{name}.{leaf}`, or just `leaf` at the top level.
-fn child(name: &str, leaf: &str) -> String {
-    if name.is_empty() {
-        leaf.to_string()
-    } else {
-        format!("{name}.{leaf}")
-    }
-}
-
-/// The first NaN or infinity of `tensor` (in row-major order) as an [`Error::NonFinite`].
-pub(crate) fn first_non_finite(name: &str, tensor: ArrayViewD<f32>) -> Result<()> {
-    let Some((flat, &value)) = tensor.iter().enumerate().find(|(_, v)| !v.is_finite()) else {
-        return Ok(());
-    };
-    // Row-major unravelling of the logical position (iter() runs in logical order).
-    let mut index = vec![0; tensor.ndim()];
-    let mut rest = flat;
-    for (i, &len) in tensor.shape().iter().enumerate().rev() {
-        index[i] = rest % len;
-        rest /= len;
-    }
-    Err(Error::NonFinite {
-        name: name.to_string(),
-        index,
-        value,
-    })
 }
 
 /// A safetensors parse error, with the numbers that tell what is wrong with the bytes.
@@ -449,75 +336,12 @@ impl Transformer {
         bytes: &[u8],
         options: &LoadOptions,
     ) -> Result<(Self, LoadReport)> {
-        config.validate()?;
-        let c = &config;
-        let (d, eps) = (c.d_model, c.layer_norm_eps);
-        let mut r = Reader::new(bytes, options)?;
-        let src_embed = Embedding::new(r.matrix("src_embed.weight", c.src_vocab, d)?)?;
-        let tgt_embed = if c.share_embeddings {
-            r.alias(
-                "tgt_embed.weight",
-                "src_embed.weight",
-                &src_embed.weight().to_owned(),
-            )?;
-            None
-        } else {
-            Some(Embedding::new(r.matrix(
-                "tgt_embed.weight",
-                c.tgt_vocab,
-                d,
-            )?)?)
-        };
-        let input = r.input_embedding(c, "pos_embed", "type_embed", "embed_norm")?;
-        let mut encoder_layers = Vec::with_capacity(c.num_encoder_layers);
-        for i in 0..c.num_encoder_layers {
-            let p = format!("transformer.encoder.layers.{i}");
-            encoder_layers.push(EncoderLayer::new(
-                r.attention(&format!("{p}.self_attn"), d, c.num_heads)?,
-                r.feed_forward(&p, c)?,
-                r.layer_norm(&format!("{p}.norm1"), d, eps)?,
-                r.layer_norm(&format!("{p}.norm2"), d, eps)?,
-                c.norm_position,
-            )?);
-        }
-        let encoder = Encoder::new(encoder_layers, r.final_norm(c, "transformer.encoder.norm")?)?;
-        let mut decoder_layers = Vec::with_capacity(c.num_decoder_layers);
-        for i in 0..c.num_decoder_layers {
-            let p = format!("transformer.decoder.layers.{i}");
-            decoder_layers.push(DecoderLayer::new(
-                r.attention(&format!("{p}.self_attn"), d, c.num_heads)?,
-                r.attention(&format!("{p}.multihead_attn"), d, c.num_heads)?,
-                r.feed_forward(&p, c)?,
-                [
-                    r.layer_norm(&format!("{p}.norm1"), d, eps)?,
-                    r.layer_norm(&format!("{p}.norm2"), d, eps)?,
-                    r.layer_norm(&format!("{p}.norm3"), d, eps)?,
-                ],
-                c.norm_position,
-            )?);
-        }
-        let decoder = Decoder::new(decoder_layers, r.final_norm(c, "transformer.decoder.norm")?)?;
-        let generator_weight = if c.tie_output_projection {
-            let tied = tgt_embed.as_ref().unwrap_or(&src_embed).weight().to_owned();
-            r.alias("generator.weight", "tgt_embed.weight", &tied)?;
-            None
-        } else {
-            Some(r.matrix("generator.weight", c.tgt_vocab, d)?)
-        };
-        let generator_bias = r.vector("generator.bias", c.tgt_vocab)?;
+        let mut r = Reader::new(bytes, &naming::PYTORCH, options)?;
+        let model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
         let unused = r.unused();
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        let model = Transformer::from_parts(
-            config,
-            src_embed,
-            tgt_embed,
-            input,
-            encoder,
-            decoder,
-            (generator_weight, generator_bias),
-        )?;
         let report = LoadReport {
             unexpected: unused,
             converted: r.converted,
@@ -553,22 +377,14 @@ impl Transformer {
     /// The weights as safetensors bytes in PyTorch's names. A shared or tied matrix is written
     /// under each of its names, as PyTorch's `state_dict()` lists it.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
-        visit_parameters(self, true, &mut |name, t| {
-            tensors.push((name, F32Tensor::new(t)))
-        });
-        let src = self.src_embedding().weight();
+        let mut tensors = file_tensors(self, &naming::PYTORCH)?;
+        // PyTorch's `state_dict()` lists a shared or tied matrix under each of its names.
+        let table = |e: &crate::Embedding| F32Tensor::new(e.weight().into_dyn().into());
         if self.config().share_embeddings {
-            tensors.push((
-                "tgt_embed.weight".into(),
-                F32Tensor::new(src.into_dyn().into()),
-            ));
+            tensors.push(("tgt_embed.weight".into(), table(self.src_embedding())));
         }
         if self.config().tie_output_projection {
-            tensors.push((
-                "generator.weight".into(),
-                F32Tensor::new(self.output_weight().into_dyn()),
-            ));
+            tensors.push(("generator.weight".into(), table(self.tgt_embedding())));
         }
         serialize(tensors)
     }
@@ -583,178 +399,41 @@ impl Transformer {
     }
 }
 
-/// Calls `f` with every distinct parameter under its PyTorch name (a shared or tied matrix
-/// once, under its first name).
-///
-/// With `values` false the weights stored in panels come as shape-only views ([`stored_weight`]),
-/// for callers that only count.
-pub(crate) fn visit_parameters(
-    model: &Transformer,
-    values: bool,
-    f: &mut dyn FnMut(String, CowArray<f32, IxDyn>),
-) {
-    let mut put = |name: String, t: CowArray<f32, IxDyn>| f(name, t);
-    put(
-        "src_embed.weight".into(),
-        model.src_embed.weight().into_dyn().into(),
-    );
-    if let Some(t) = &model.tgt_embed {
-        put("tgt_embed.weight".into(), t.weight().into_dyn().into());
+/// `model`'s parameters under `naming`'s file names, fused tensors stacked.
+pub(crate) fn file_tensors(
+    model: &dyn Parameters,
+    naming: &Naming,
+) -> Result<Vec<(String, F32Tensor)>> {
+    let mut tensors = Vec::new();
+    let mut stacks: BTreeMap<String, Vec<Option<CowArray<f32, IxDyn>>>> = BTreeMap::new();
+    model.visit(&mut |name, t| {
+        let file = naming.file_name(name);
+        match file.part {
+            None => tensors.push((file.name, F32Tensor::new(t.values()))),
+            Some((part, parts)) => {
+                let stack = stacks.entry(file.name).or_insert_with(|| vec![None; parts]);
+                stack[part] = Some(t.values());
+            }
+        }
+    });
+    for (name, parts) in stacks {
+        let parts: Vec<ArrayViewD<f32>> = parts
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.view()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::Safetensors(format!("tensor `{name}`: a stacked part is missing"))
+            })?;
+        let stacked = naming::stack(&name, &parts)?;
+        tensors.push((name, F32Tensor::new(stacked.into())));
     }
-    let linear = |f: &mut Visitor, name: &str, l: &Linear| visit_linear(f, values, name, l);
-    let norm = visit_norm;
-    visit_input(
-        &mut put,
-        &model.input,
-        model.config().embedding.positions,
-        ["pos_embed", "type_embed", "embed_norm"],
-    );
-    let attention =
-        |put: &mut dyn FnMut(String, CowArray<f32, IxDyn>), name: &str, a: &MultiHeadAttention| {
-            let [q, k, v, out] = a.projections();
-            let rows = q.out_features() + k.out_features() + v.out_features();
-            let w = stored_weight(values, (rows, q.in_features()), || {
-                let (q_w, k_w, v_w) = (q.weight(), k.weight(), v.weight());
-                concatenate(Axis(0), &[q_w.view(), k_w.view(), v_w.view()]).expect("equal widths")
-            });
-            put(format!("{name}.in_proj_weight"), w);
-            let bias = |l: &Linear| {
-                l.bias()
-                    .map(|b| b.to_owned())
-                    .unwrap_or_else(|| Array1::zeros(l.out_features()))
-            };
-            let b = concatenate(Axis(0), &[bias(q).view(), bias(k).view(), bias(v).view()])
-                .expect("1-D");
-            put(format!("{name}.in_proj_bias"), b.into_dyn().into());
-            linear(put, &format!("{name}.out_proj"), out);
-        };
-    for (i, layer) in model.encoder.layers.iter().enumerate() {
-        let p = format!("transformer.encoder.layers.{i}");
-        attention(&mut put, &format!("{p}.self_attn"), &layer.self_attn);
-        linear(
-            &mut put,
-            &format!("{p}.linear1"),
-            &layer.feed_forward.linear1,
-        );
-        linear(
-            &mut put,
-            &format!("{p}.linear2"),
-            &layer.feed_forward.linear2,
-        );
-        norm(&mut put, &format!("{p}.norm1"), &layer.self_attn_norm);
-        norm(&mut put, &format!("{p}.norm2"), &layer.ffn_norm);
-    }
-    if let Some(n) = &model.encoder.norm {
-        norm(&mut put, "transformer.encoder.norm", n);
-    }
-    for (i, layer) in model.decoder.layers.iter().enumerate() {
-        let p = format!("transformer.decoder.layers.{i}");
-        attention(&mut put, &format!("{p}.self_attn"), &layer.self_attn);
-        attention(&mut put, &format!("{p}.multihead_attn"), &layer.cross_attn);
-        linear(
-            &mut put,
-            &format!("{p}.linear1"),
-            &layer.feed_forward.linear1,
-        );
-        linear(
-            &mut put,
-            &format!("{p}.linear2"),
-            &layer.feed_forward.linear2,
-        );
-        norm(&mut put, &format!("{p}.norm1"), &layer.self_attn_norm);
-        norm(&mut put, &format!("{p}.norm2"), &layer.cross_attn_norm);
-        norm(&mut put, &format!("{p}.norm3"), &layer.ffn_norm);
-    }
-    if let Some(n) = &model.decoder.norm {
-        norm(&mut put, "transformer.decoder.norm", n);
-    }
-    if !model.config().tie_output_projection {
-        let shape = (model.config().tgt_vocab, model.config().d_model);
-        let weight = stored_weight(values, shape, || model.output_weight().into_owned());
-        put("generator.weight".into(), weight);
-    }
-    put(
-        "generator.bias".into(),
-        model.generator_bias.view().into_dyn().into(),
-    );
-}
-
-/// A weight stored in panels (`ops::pack_panels`) as a visit hands it over: its values from
-/// `copy` (in PyTorch's layout), or with `values` false a zero-stride view of `shape` that
-/// copies nothing, for visits that only count.
-fn stored_weight(
-    values: bool,
-    shape: (usize, usize),
-    copy: impl FnOnce() -> Array2<f32>,
-) -> CowArray<'static, f32, IxDyn> {
-    static ZERO: [f32; 1] = [0.0];
-    if values {
-        copy().into_dyn().into()
-    } else {
-        ArrayView2::from_shape(shape.strides((0, 0)), &ZERO[..])
-            .expect("zero strides address the one value")
-            .into_dyn()
-            .into()
-    }
+    Ok(tensors)
 }
 
 /// Named tensors as safetensors bytes, with PyTorch's `format: pt` metadata.
 pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
-}
-
-/// Receives every parameter of a model under its name in the weights file.
-pub(crate) type Visitor<'a> = dyn FnMut(String, CowArray<f32, IxDyn>) + 'a;
-
-/// `{name}.weight` and `{name}.bias` of a linear layer (the weight as [`stored_weight`] gives it).
-pub(crate) fn visit_linear(f: &mut Visitor, values: bool, name: &str, l: &Linear) {
-    let shape = (l.out_features(), l.in_features());
-    f(
-        format!("{name}.weight"),
-        stored_weight(values, shape, || l.weight()),
-    );
-    if let Some(b) = l.bias() {
-        f(format!("{name}.bias"), b.into_dyn().into());
-    }
-}
-
-/// `{name}.weight` (γ) and `{name}.bias` (β) of a LayerNorm.
-pub(crate) fn visit_norm(f: &mut Visitor, name: &str, n: &LayerNorm) {
-    f(format!("{name}.weight"), n.gamma().into_dyn().into());
-    f(format!("{name}.bias"), n.beta().into_dyn().into());
-}
-
-/// The parameters of an [`InputEmbedding`] under `[positions, types, norm]` names: the position
-/// table when learned, the token-type table and the norm when present.
-pub(crate) fn visit_input(
-    f: &mut Visitor,
-    input: &InputEmbedding,
-    positions: Positions,
-    [pos_name, types_name, norm_name]: [&str; 3],
-) {
-    if positions == Positions::Learned {
-        let p = input.positions();
-        let table = p.table(p.max_len()).expect("the whole table");
-        f(format!("{pos_name}.weight"), table.into_dyn().into());
-    }
-    if let Some(t) = input.token_types() {
-        f(format!("{types_name}.weight"), t.weight().into_dyn().into());
-    }
-    if let Some(n) = input.norm() {
-        visit_norm(f, norm_name, n);
-    }
-}
-
-/// The first NaN or infinity among the parameters `visit` reports, as [`Error::NonFinite`].
-pub(crate) fn check_finite_parameters(visit: impl FnOnce(&mut Visitor)) -> Result<()> {
-    let mut result = Ok(());
-    visit(&mut |name, t| {
-        if result.is_ok() {
-            result = first_non_finite(&name, t.view());
-        }
-    });
-    result
 }
 
 /// An f32 tensor in little-endian bytes, as safetensors stores it.
@@ -898,25 +577,6 @@ mod tests {
         let err = Transformer::from_safetensors(tiny(), &bytes, &no_half).unwrap_err();
         assert!(
             matches!(&err, Error::TensorDtype { found, .. } if found == "F16"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn first_non_finite_gives_the_row_major_index() {
-        let mut t = ArrayD::<f32>::zeros(IxDyn(&[2, 3, 4]));
-        assert!(first_non_finite("t", t.view()).is_ok());
-        t[[1, 2, 0]] = f32::INFINITY;
-        t[[1, 2, 3]] = f32::NAN;
-        let err = first_non_finite("t", t.view()).unwrap_err();
-        assert!(
-            matches!(&err, Error::NonFinite { index, value, .. } if index == &[1, 2, 0] && *value == f32::INFINITY),
-            "{err}"
-        );
-        // A transposed view reports the index in its own (logical) shape.
-        let err = first_non_finite("t", t.view().reversed_axes()).unwrap_err();
-        assert!(
-            matches!(&err, Error::NonFinite { index, .. } if index == &[0, 2, 1]),
             "{err}"
         );
     }

@@ -172,3 +172,32 @@ fn loader_errors_name_the_tensor_and_the_path() {
     );
     assert!(err.to_string().contains("fetch_model.py"), "{err}");
 }
+
+#[test]
+fn the_walk_covers_every_bert_tensor_once_under_its_hugging_face_name() {
+    let model = encoder().model();
+    let named = model.named_parameters();
+    let names: std::collections::BTreeSet<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), named.len(), "a name is visited twice");
+    let total: usize = named.iter().map(|(_, t)| t.len()).sum();
+    assert_eq!(total, model.num_parameters());
+    // Saved under Hugging Face's names: the checkpoint's weights bit for bit, without the
+    // position-id buffer and the pooler that an encoder does not use.
+    let checkpoint = TensorFile::read(&model_dir().join("model.safetensors"));
+    let saved = TensorFile::from_bytes(model.to_hf_bert_safetensors().unwrap());
+    let expected: Vec<String> = checkpoint
+        .names()
+        .into_iter()
+        .filter(|n| n != "embeddings.position_ids" && !n.starts_with("pooler."))
+        .collect();
+    assert_eq!(saved.names(), expected);
+    for name in &expected {
+        let (a, b) = (saved.f32(name), checkpoint.f32(name));
+        assert!(
+            a.iter()
+                .zip(b.iter())
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after the round trip"
+        );
+    }
+}

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::init;
 use crate::linear::{pack_weights, Linear};
 use crate::mask::Mask;
+use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 
 /// Q, K, V and output projections around h parallel scaled dot-product attentions.
 ///
@@ -97,6 +98,18 @@ impl MultiHeadAttention {
         let (q_proj, k_proj, v_proj) = (qkv(), qkv(), qkv());
         let out_proj = Linear::init(d_model, d_model, true, rng);
         Self::new(q_proj, k_proj, v_proj, out_proj, num_heads)
+    }
+
+    /// Reads `{q,k,v,out}_proj.{weight,bias}`, each `[d_model, d_model]`, from `scope`.
+    pub(crate) fn load(scope: &mut Scope, d_model: usize, num_heads: usize) -> Result<Self> {
+        let mut proj = |name: &str| Linear::load(&mut scope.child(name), d_model, d_model);
+        let (q, k, v, out) = (
+            proj("q_proj")?,
+            proj("k_proj")?,
+            proj("v_proj")?,
+            proj("out_proj")?,
+        );
+        Self::new(q, k, v, out, num_heads)
     }
 
     /// Number of heads h.
@@ -343,6 +356,16 @@ fn sequence_heads(x: &Array4<f32>, start: usize, len: usize) -> ArrayView4<'_, f
 /// `[batch, len, num_heads, d_k]` viewed as `[batch, num_heads, len, d_k]` (strides only).
 pub(crate) fn heads(x: &Array4<f32>) -> ArrayView4<'_, f32> {
     x.view().permuted_axes(Ix4(0, 2, 1, 3))
+}
+
+/// `q_proj`, `k_proj`, `v_proj` (W^Q, W^K, W^V of all heads) and `out_proj` (W^O), §3.2.2.
+impl Parameters for MultiHeadAttention {
+    fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
+        visit_child(f, "q_proj", &self.q_proj);
+        visit_child(f, "k_proj", &self.k_proj);
+        visit_child(f, "v_proj", &self.v_proj);
+        visit_child(f, "out_proj", &self.out_proj);
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,26 @@ impl TensorFile {
         }
     }
 
+    /// Safetensors bytes made in memory (e.g. by `to_safetensors`).
+    pub fn from_bytes(bytes: Vec<u8>) -> TensorFile {
+        TensorFile {
+            name: "in-memory safetensors".into(),
+            bytes,
+        }
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tensors()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
     fn tensors(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).unwrap()
     }
