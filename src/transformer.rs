@@ -437,7 +437,8 @@ impl Transformer {
 
     /// [`project`](Self::project) written into `logits`, a buffer the caller keeps from call to
     /// call: the same numbers, without a new `[batch, tgt_len, tgt_vocab]` array each time
-    /// (for the README's batch, 131 MB that the operating system must hand over zeroed).
+    /// (for a large batch and vocabulary, many megabytes the operating system must hand over
+    /// zeroed).
     ///
     /// # Shapes
     /// - `decoded`: `[batch, tgt_len, d_model]`
@@ -494,11 +495,10 @@ impl Transformer {
     ) -> Result<Array3<f32>> {
         check_same_batch(src, tgt)?;
         // The logits come first: a caller that drops each result before its next call gets
-        // back the pages it has just freed. Taken after the decoder, 0.3 s later, the same
-        // memory took this VM 11–32 ms to fault in again instead of 6–7 (its balloon device
-        // hands freed memory back to the host); full forward 481.4 → 474.1 and 485.8 → 479.4
-        // ms in alternating processes. The numbers are `forward_into`'s, identical to
-        // `project`'s.
+        // back the pages it has just freed, still mapped. Taken after the decoder, the same
+        // memory can already have gone back to the host (a virtual machine's balloon device)
+        // and must be faulted in again (docs/performance.md has the timings). The numbers are
+        // `forward_into`'s, identical to `project`'s.
         let mut logits =
             huge_pages::zeros_faulted_in(Dim([tgt.nrows(), tgt.ncols(), self.config.tgt_vocab]));
         self.forward_into(src, tgt, src_padding, tgt_padding, logits.view_mut())?;
