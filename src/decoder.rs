@@ -25,12 +25,12 @@ use crate::residual::{norm_inplace, residual};
 /// each wrapped in a residual connection and LayerNorm (post-LN or pre-LN).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderLayer {
-    pub(crate) self_attn: MultiHeadAttention,
-    pub(crate) cross_attn: MultiHeadAttention,
-    pub(crate) feed_forward: FeedForward,
-    pub(crate) self_attn_norm: LayerNorm,
-    pub(crate) cross_attn_norm: LayerNorm,
-    pub(crate) ffn_norm: LayerNorm,
+    self_attn: MultiHeadAttention,
+    cross_attn: MultiHeadAttention,
+    feed_forward: FeedForward,
+    self_attn_norm: LayerNorm,
+    cross_attn_norm: LayerNorm,
+    ffn_norm: LayerNorm,
     norm_position: NormPosition,
 }
 
@@ -179,10 +179,9 @@ impl DecoderLayer {
     /// cross-attention keys and values of `memory` `[batch, src_len, d_model]`.
     pub(crate) fn start_cache(&self, memory: ArrayView3<f32>, capacity: usize) -> LayerCache {
         let a = &self.cross_attn;
-        let cross = KeyValueCache::from_full(
-            a.split_heads(memory, &a.k_proj),
-            a.split_heads(memory, &a.v_proj),
-        );
+        let [_, k_proj, v_proj, _] = a.projections();
+        let cross =
+            KeyValueCache::from_full(a.split_heads(memory, k_proj), a.split_heads(memory, v_proj));
         let own = &self.self_attn;
         LayerCache {
             self_attn: KeyValueCache::with_capacity(
@@ -206,15 +205,16 @@ impl DecoderLayer {
         let p = self.norm_position;
         let x = residual(x, &self.self_attn_norm, p, |h| {
             let a = &self.self_attn;
-            let q = a.split_heads(h, &a.q_proj);
-            let (k, v) = (a.split_heads(h, &a.k_proj), a.split_heads(h, &a.v_proj));
+            let [q_proj, k_proj, v_proj, _] = a.projections();
+            let q = a.split_heads(h, q_proj);
+            let (k, v) = (a.split_heads(h, k_proj), a.split_heads(h, v_proj));
             cache.self_attn.append(k.view(), v.view());
             // The new queries sit at the end of the cached keys: causal, bottom-right aligned.
             a.attend_cached(&q, &cache.self_attn, &Mask::causal())
         });
         let x = residual(x, &self.cross_attn_norm, p, |h| {
             let a = &self.cross_attn;
-            let q = a.split_heads(h, &a.q_proj);
+            let q = a.split_heads(h, a.projections()[0]);
             a.attend_cached(&q, &cache.cross_attn, cross_mask)
         });
         residual(x, &self.ffn_norm, p, |h| {
@@ -240,8 +240,8 @@ pub struct DecoderTrace {
 /// for why a post-LN stack has it too).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoder {
-    pub(crate) layers: Vec<DecoderLayer>,
-    pub(crate) norm: Option<LayerNorm>,
+    layers: Vec<DecoderLayer>,
+    norm: Option<LayerNorm>,
 }
 
 impl Decoder {

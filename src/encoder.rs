@@ -21,10 +21,10 @@ use crate::residual::{norm_inplace, residual};
 /// One encoder layer: `x → Norm(x + SelfAttn(x)) → Norm(x + FFN(x))` (post-LN), or the pre-LN order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderLayer {
-    pub(crate) self_attn: MultiHeadAttention,
-    pub(crate) feed_forward: FeedForward,
-    pub(crate) self_attn_norm: LayerNorm,
-    pub(crate) ffn_norm: LayerNorm,
+    self_attn: MultiHeadAttention,
+    feed_forward: FeedForward,
+    self_attn_norm: LayerNorm,
+    ffn_norm: LayerNorm,
     norm_position: NormPosition,
 }
 
@@ -160,8 +160,8 @@ pub struct EncoderTrace {
 /// reproduces so that PyTorch weights give PyTorch's numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoder {
-    pub(crate) layers: Vec<EncoderLayer>,
-    pub(crate) norm: Option<LayerNorm>,
+    layers: Vec<EncoderLayer>,
+    norm: Option<LayerNorm>,
 }
 
 impl Encoder {

@@ -44,9 +44,9 @@ use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderModel {
     config: TransformerConfig,
-    pub(crate) tokens: Embedding,
-    pub(crate) input: InputEmbedding,
-    pub(crate) encoder: Encoder,
+    tokens: Embedding,
+    input: InputEmbedding,
+    encoder: Encoder,
 }
 
 impl EncoderModel {

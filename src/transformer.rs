@@ -49,12 +49,12 @@ use crate::positional::PositionalEncoding;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transformer {
     config: TransformerConfig,
-    pub(crate) src_embed: Embedding,
+    src_embed: Embedding,
     /// `None` when the source and target share one table (`share_embeddings`).
-    pub(crate) tgt_embed: Option<Embedding>,
-    pub(crate) input: InputEmbedding,
-    pub(crate) encoder: Encoder,
-    pub(crate) decoder: Decoder,
+    tgt_embed: Option<Embedding>,
+    input: InputEmbedding,
+    encoder: Encoder,
+    decoder: Decoder,
     /// The output projection (§3.4), `[tgt_vocab, d_model]`; its weight is the target
     /// embedding's table when tied.
     output: Linear,

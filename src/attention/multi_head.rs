@@ -38,10 +38,10 @@ use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 #[derive(Debug, Clone, PartialEq)]
 pub struct MultiHeadAttention {
     num_heads: usize,
-    pub(crate) q_proj: Linear,
-    pub(crate) k_proj: Linear,
-    pub(crate) v_proj: Linear,
-    pub(crate) out_proj: Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
 }
 
 impl MultiHeadAttention {
