@@ -107,25 +107,17 @@ impl Transformer {
             crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng)
         });
         let projection_bias = Array1::zeros(c.tgt_vocab);
-        Self::from_parts(
-            config,
-            src_embed,
-            tgt_embed,
-            input,
-            encoder,
-            decoder,
-            (projection_weight, projection_bias),
-        )
+        let (embeddings, stacks) = ((src_embed, tgt_embed), (encoder, decoder));
+        let projection = (projection_weight, projection_bias);
+        Self::from_parts(config, embeddings, input, stacks, projection)
     }
 
     /// Assembles a model from loaded parts, checking them against the config.
     pub(crate) fn from_parts(
         config: TransformerConfig,
-        src_embed: Embedding,
-        tgt_embed: Option<Embedding>,
+        (src_embed, tgt_embed): (Embedding, Option<Embedding>),
         input: InputEmbedding,
-        encoder: Encoder,
-        decoder: Decoder,
+        (encoder, decoder): (Encoder, Decoder),
         (projection_weight, projection_bias): (Option<Array2<f32>>, Array1<f32>),
     ) -> Result<Self> {
         config.validate()?;
@@ -183,15 +175,9 @@ impl Transformer {
             Some(scope.matrix("output.weight", c.tgt_vocab, d)?)
         };
         let projection_bias = scope.vector("output.bias", c.tgt_vocab)?;
-        Self::from_parts(
-            config,
-            src_embed,
-            tgt_embed,
-            input,
-            encoder,
-            decoder,
-            (projection_weight, projection_bias),
-        )
+        let (embeddings, stacks) = ((src_embed, tgt_embed), (encoder, decoder));
+        let projection = (projection_weight, projection_bias);
+        Self::from_parts(config, embeddings, input, stacks, projection)
     }
 
     /// The configuration.
