@@ -18,6 +18,10 @@ For cached generation the table adds the read bandwidth (the ``memory/read_1GiB`
 the time to stream the decoder's weights and the output projection once at that bandwidth,
 which bounds a cached decoding step from below.
 
+The output starts with the CPU it ran on (model, cores and threads, and which of AVX2,
+AVX-512F, AVX-512 VNNI, AVX-512 BF16, AVX-VNNI and AMX its flags show), so that a table carries
+its machine with it.
+
 Usage::
 
     python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation] [--skip-embed]
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +51,53 @@ CRITERION = ROOT / "target" / "criterion"
 
 # The paper's base model (Table 3), as in the benches.
 D_MODEL, D_FF, LAYERS, VOCAB = 512, 2048, 6, 32000
+
+
+# /proc/cpuinfo flags worth naming beside a table: the crate's kernels depend on them.
+CPU_FEATURES = [
+    ("AVX2", "avx2"),
+    ("AVX-512F", "avx512f"),
+    ("AVX-512 VNNI", "avx512_vnni"),
+    ("AVX-512 BF16", "avx512_bf16"),
+    ("AVX-VNNI", "avx_vnni"),
+]
+AMX_FLAGS = ["amx_tile", "amx_bf16", "amx_int8"]
+
+
+def cpu_summary() -> list[str]:
+    """Lines naming the CPU: model, cores/threads, and which of `CPU_FEATURES` and `AMX_FLAGS`
+    are present (from /proc/cpuinfo; elsewhere the model from `platform.processor()` and
+    "features unknown")."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    model, flags, threads, cores = "", set(), 0, set()
+    physical = ""
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            threads += 1
+        elif key == "model name" and not model:
+            model = value
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+    model = model or platform.processor() or platform.machine() or "unknown"
+    threads = threads or os.cpu_count() or 0
+    count = f"{len(cores)} cores, {threads} threads" if cores else f"{threads} threads"
+    if flags:
+        present = [name for name, flag in CPU_FEATURES if flag in flags]
+        amx = [flag for flag in AMX_FLAGS if flag in flags]
+        if amx:
+            present.append(f"AMX ({'/'.join(amx)})")
+        features = ", ".join(present) if present else "none of AVX2, AVX-512, AVX-VNNI, AMX"
+    else:
+        features = "features unknown"
+    return [f"CPU: {model} ({count})", f"CPU features: {features}"]
 
 
 def cargo_bench(bench: str, filters: list[str], threads: int) -> None:
@@ -117,6 +169,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     t = args.threads
+    # The machine first, before any bench runs, so that a table is never without it.
+    for line in cpu_summary():
+        print(line)
+    print(flush=True)
 
     forward_workloads = [
         ("encoder, batch 8 × 128", "encoder_8x128", "encoder_8x128"),
