@@ -79,13 +79,16 @@
 //! Results do not depend on the thread count: a pool of any size, and any number of threads
 //! calling one shared `&Transformer` at once, give the same bits (threads split a product's
 //! rows and columns, never a sum, and the kernel is chosen by the shapes and the CPU alone).
-//! The crate keeps no global mutable state; `docs/guarantees.md` and `docs/threads.md` in the
-//! repository have the details.
+//! The crate has no global setting a caller can change: what it keeps per process (whether
+//! the AMX tiles may be used) and per thread (reusable scratch memory, the warm-pool pass
+//! count) is listed in [`cpu`], with CPU-feature detection and every environment variable the
+//! crate reads. `docs/guarantees.md` and `docs/threads.md` in the repository have the details.
 #![warn(missing_docs)]
 
 pub mod attention;
 pub mod bert;
 mod config;
+pub mod cpu;
 mod decoder;
 mod decoding;
 mod embedding;

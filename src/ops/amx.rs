@@ -8,14 +8,13 @@
 //! AVX-512 kernels on these cores ("bf16x3", `docs/gemm_backends.md`, AMX tiles).
 //!
 //! The left operand (a batch's rows) is split once per product; each piece of the panel
-//! products ([`super::panel_pieces`]) splits its panel of the weight and runs over the tiles:
+//! products ([`super::panels::panel_pieces`]) splits its panel of the weight and runs over the tiles:
 //! blocks of 32 × 32 sums in four accumulator tiles, `k` in chunks of 512 values.
 //! `NDTRANSFORMER_AMX=0` in the environment turns the path off (the products then run on the
-//! AVX-512 kernels of `gemm`). One difference from f32 FMAs: an infinite input gives NaN, not
+//! AVX-512 kernels of `gemm`; [`crate::cpu`] lists the crate's environment variables). One difference from f32 FMAs: an infinite input gives NaN, not
 //! ±∞, since its parts meet zero parts of the other operand (∞ · 0).
 
 use std::arch::asm;
-use std::sync::OnceLock;
 
 use ndarray::ArrayView2;
 use rayon::prelude::*;
@@ -34,43 +33,13 @@ struct Amx {
 }
 
 impl Amx {
-    /// `Some` on a CPU with AVX-512, AMX-TILE and AMX-BF16 whose kernel grants the tile
-    /// state, unless `NDTRANSFORMER_AMX=0` (both asked once per process).
+    /// `Some` on a CPU with AVX-512 where this process may use the tiles
+    /// ([`crate::cpu::amx_granted`]: AMX-TILE and AMX-BF16, granted by the kernel, and not
+    /// turned off by `NDTRANSFORMER_AMX=0`).
     fn try_new() -> Option<Self> {
-        static GRANTED: OnceLock<bool> = OnceLock::new();
         let simd = pulp::x86::V4::try_new()?;
-        let granted = GRANTED.get_or_init(|| {
-            std::env::var_os("NDTRANSFORMER_AMX").is_none_or(|v| v != "0") && request_tiles()
-        });
-        granted.then_some(Amx { simd })
+        crate::cpu::amx_granted().then_some(Amx { simd })
     }
-}
-
-/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22) and Linux
-/// grants the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
-fn request_tiles() -> bool {
-    #[allow(unused_unsafe)]
-    // SAFETY: CPUID is available on every x86-64 CPU.
-    let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-    if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
-        return false;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: this request only asks the kernel for permission to use the tile state; it
-        // reads and writes no memory of the process.
-        unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            ) == 0
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    false
 }
 
 /// The bits of `x` (as u32) rounded to the nearest bfloat16, ties to even, in the high half.
@@ -238,7 +207,7 @@ impl SplitRows {
     /// contiguous.
     pub(crate) fn for_product(a: ArrayView2<f32>, n: usize) -> Option<Self> {
         let amx = Amx::try_new()?;
-        let takes = takes_tiles(a.nrows(), a.ncols(), n) && super::rows_contiguous(a);
+        let takes = takes_tiles(a.nrows(), a.ncols(), n) && super::attention::rows_contiguous(a);
         takes.then(|| Self::new(amx, a))
     }
 
@@ -301,7 +270,7 @@ struct SplitPanel {
 }
 
 /// Columns of a panel.
-const PANEL: usize = super::PANEL;
+const PANEL: usize = super::panels::PANEL;
 
 impl SplitPanel {
     /// Splits `panel` (`[k, 128]`) into `self`, reusing its buffers.
@@ -636,7 +605,7 @@ mod tests {
                 (((i * 13 + j * 29) % 97) as f32 / 48.0 - 1.0) / (k as f32).sqrt()
             });
             let exact = a.mapv(f64::from).dot(&w_t.mapv(f64::from));
-            let panels = super::super::pack_panels(w_t.view());
+            let panels = super::super::panels::pack_panels(w_t.view());
             let split = SplitRows::new(amx, a.view());
             let mut c = Array2::from_elem((m, n), f32::NAN);
             for (p, panel) in panels.outer_iter().enumerate() {
@@ -645,7 +614,7 @@ mod tests {
                 unsafe { split.product(0, m, panel, cols, c.as_mut_ptr().add(p * PANEL), n) };
             }
             let mut f32_product = Array2::zeros((m, n));
-            super::super::blocked_product(
+            super::super::gemm::blocked_product(
                 a.view(),
                 w_t.view(),
                 1.0,
