@@ -2,10 +2,9 @@
 //!
 //! A decoding step reads every weight of the decoder once, front to back (154 MB for the
 //! paper's base model), and so does a short encoder pass. On 4 KiB pages every page of that
-//! stream needs its own address translation; on 2 MiB pages 512 times fewer. Measured on the
-//! 2-core machine of the README, summing 160 MB at 2 threads: 35 GB/s on 4 KiB pages, 46 GB/s on
-//! 2 MiB pages (64 MB: 43 → 54 GB/s; 1 GiB: 24 → 28 GB/s). Large outputs (the logits of a
-//! whole batch) also take 512 times fewer page faults on first write.
+//! stream needs its own address translation; on 2 MiB pages 512 times fewer, and the stream
+//! reads faster (`docs/performance.md` has the figures). Large outputs (the logits of a whole
+//! batch) also take 512 times fewer page faults on first write.
 //!
 //! On Linux the arrays made here start on a 2 MiB boundary and their memory is advised as
 //! huge pages (`madvise(MADV_HUGEPAGE)`, which transparent huge pages honour in their default
@@ -56,12 +55,9 @@ fn fault_in<T, D: Dimension>(mut a: Array<T, D>) -> Array<T, D> {
 /// (`madvise(MADV_POPULATE_WRITE)`, Linux 5.14 and later; elsewhere nothing happens and the
 /// first writes fault them in).
 ///
-/// The kernel zeroes every fresh page, and on the README's virtual machine that is slow in a
-/// process's first calls: faulting in a batch's 131 MB of logits cost 25–40 ms there when the
-/// matrix product's own writes did it. Done here first, the projection to logits measured 12%
-/// faster in processes of ten calls (152.8 → 134.8 ms; the full forward 502 → 485 ms). After
-/// a hundred calls, when the kernel hands back recently freed pages, both ways measured the
-/// same (121–122 ms).
+/// The kernel zeroes every fresh page, which on a virtual machine can be slow in a process's
+/// first calls when the matrix product's own writes fault the pages in; faulted in here
+/// first, by all threads, the projection to logits measured faster (`docs/performance.md`).
 fn populate(addr: usize, bytes: usize) {
     let start = addr.next_multiple_of(HUGE_PAGE);
     let end = (addr + bytes) / HUGE_PAGE * HUGE_PAGE;

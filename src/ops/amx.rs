@@ -104,7 +104,7 @@ fn store16(out: &mut [u32], at: usize, words: pulp::u32x16) {
 struct Line([u8; 64]);
 
 /// A buffer of `T` that starts on a 64-byte boundary: a tile row that straddles two cache
-/// lines loads about seven times slower.
+/// lines loads several times slower.
 struct Aligned<T> {
     lines: Vec<Line>,
     len: usize,
@@ -180,16 +180,15 @@ impl Drop for SplitRows {
 }
 
 /// Products smaller than this (`m · k · n`) stay on `gemm`: splitting the operands and starting
-/// the tiles cost more than the tiles save. Measured at 2 threads (linear layers, alternating
-/// runs): 1024 × 512 × 512 and 512 × 384 × 1536 1.1–1.2× faster on the tiles, 256 × 384 × 384
-/// and 128 × 512 × 512 (about 2²⁵) 5–15% slower.
+/// the tiles cost more than the tiles save (the products measured on both sides of the
+/// threshold are in `docs/performance.md`).
 const MIN_TILE_WORK: usize = 1 << 26;
 
 /// Whether a product `[m, k] · [k, n]` runs on the tiles where they are available: enough work
 /// ([`MIN_TILE_WORK`]), `k` of at least 128 (four steps of 32: with fewer, each block of sums
 /// spends more on starting and storing its tiles than on products), and `n` of at least 256:
-/// splitting the input costs the same whatever `n`, and with 64 outputs (6000 × 256 × 64, the
-/// FFN of the README's date model) the tiles took 1.6× as long as `gemm`.
+/// splitting the input costs the same whatever `n`, and with 64 outputs (the date model's
+/// feed-forward) the tiles measured slower than `gemm`.
 pub(crate) fn takes_tiles(m: usize, k: usize, n: usize) -> bool {
     k >= 128 && n >= 256 && m.saturating_mul(k).saturating_mul(n) >= MIN_TILE_WORK
 }
@@ -335,8 +334,8 @@ const CONFIG: TileConfig = TileConfig {
 };
 
 /// Tile steps of `k` (32 values each) per chunk, over which a block of sums stays in its tiles.
-/// A 32-row block of `a` takes 96 KiB a chunk and the panel 384 KiB, both in a core's L2. The
-/// full forward of the README's batch measured 5–6% slower with 8 steps or 64.
+/// A 32-row block of `a` takes 96 KiB a chunk and the panel 384 KiB, both in a core's L2; 8
+/// steps and 64 measured slower (`docs/performance.md`).
 const CHUNK: usize = 16;
 
 thread_local! {
@@ -430,7 +429,7 @@ unsafe fn load_tiles(rows: (*const u32, *const u32), cols: (*const u32, *const u
 /// products (`hi·hi`, `hi·mid`, `mid·hi`, `hi·lo`, `mid·mid`, `lo·hi`), each two row tiles of a
 /// part of `a` against two column tiles of a part of the panel: 24 tile products into four
 /// accumulators. Ordered so that each product reuses one operand of the one before, they take
-/// 14 tile loads a step instead of 18 (1024-row layers 4–6% faster at 2 threads, level at 1).
+/// 14 tile loads a step instead of 18.
 ///
 /// # Safety
 /// As for [`SplitRows::product`].

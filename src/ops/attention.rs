@@ -11,8 +11,8 @@ use multiversion::multiversion;
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 /// Rows ahead of the one being read that a step's attention asks the cache for: the keys and
-/// values come from memory, and the hardware prefetchers alone left it waiting (a decoding step
-/// 6% faster with 16 rows ahead than without; 4 and 32 rows measured slower than 16).
+/// values come from memory, and the hardware prefetchers alone left it waiting; 4 and 32 rows
+/// ahead measured slower than 16 (`docs/performance.md`).
 const PREFETCH_ROWS: usize = 16;
 
 /// Asks the CPU to start loading the cache lines of `len` floats from `p`. A hint only: it
@@ -88,10 +88,9 @@ fn visible_keys(i: usize, tgt_len: usize, src_len: usize) -> usize {
 /// With `causal`, scores of keys in a query's future (which the mask hides anyway) need not be
 /// computed. On AVX-512 with contiguous rows the product then runs on the crate's register tiles
 /// ([`head_scores_tiles`]), which skip whole tiles of them and set those to `-inf`, leaving the
-/// rest to the mask; otherwise on [`gemm_into`]'s kernels. On the README's machine (64 heads of
-/// 128 × 128 × 64, heads-strided, scores to outputs) the tiles took 1.48 ms against 1.73–1.77
-/// for `gemm` with a causal mask, and 1.79–1.82 against 1.73–1.75 without one, hence only
-/// there. Both sum each score over `d_k` in order; they gave bit-identical results.
+/// rest to the mask; otherwise on [`gemm_into`]'s kernels. Without a causal mask the tiles
+/// measured no faster than `gemm`, hence only there (`docs/performance.md`). Both sum each
+/// score over `d_k` in order; they give bit-identical results.
 pub(crate) fn head_scores(
     q: ArrayView2<f32>,
     k: ArrayView2<f32>,

@@ -99,8 +99,7 @@ pub(super) fn kernel_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Kernel {
 
 /// Products with this many rows (a short sequence) that [`tile_product`] does not take (no
 /// AVX-512, or a strided `b`) use `matrixmultiply`'s kernels, which measured faster than `gemm`'s
-/// there (docs/gemm_backends.md; the encoder on one 32-token sequence went from 17.3 to 14.5 ms
-/// at 2 threads).
+/// there (`docs/gemm_backends.md`, `docs/performance.md`).
 const SHORT_ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 
 /// `c = alpha · a · b + beta · c` through `matrixmultiply` (via ndarray), column blocks of `b`

@@ -20,13 +20,10 @@ use std::mem::MaybeUninit;
 ///
 /// Each panel is `[k, PANEL]`, contiguous, so a product of a few rows reads a weight as one
 /// front-to-back stream and the blocked kernel takes a panel as an ordinary strided matrix.
-/// Measured on the README's machine with a standalone copy of the few-row kernel (1 thread,
-/// 32 rows × 512 → 2048): with panels of 32, 64 and 128 columns it ran at 140, 134 and 130
-/// GFLOP/s against 93 reading the plain `[k, n]` matrix (whose rows, a power of two apart,
-/// share L1 sets, and whose many short runs the prefetchers follow badly); the blocked kernel
-/// called once per panel kept its speed with 128 columns (1024 rows: 284–302 GFLOP/s at 2
-/// threads against 276–306 for one call on the plain matrix) but lost 5–10% with 64 and 25%
-/// with 32.
+/// The plain `[k, n]` matrix reads slower: its rows, a power of two apart, share L1 sets, and
+/// the prefetchers follow its many short runs badly. 128 is the narrowest panel with which the
+/// blocked kernel, called once per panel, keeps its speed (`docs/performance.md`, figures
+/// behind code decisions).
 pub(crate) const PANEL: usize = 128;
 
 /// `Wᵀ` (`w_t: [k, n]`) in panels: `[n.div_ceil(PANEL), k, PANEL]`, panel `p` holding columns
@@ -254,9 +251,8 @@ fn finish_piece(
 }
 
 /// Rows of `a` one piece of [`panel_pieces`] takes: 512 rows of 512 inputs (1 MiB) stay in a
-/// core's L2 from panel to panel. The full forward of the README's batch measured 462–472 ms
-/// with 512, 476–483 with 256, 496 with 128 and 488 with the whole batch in one piece (runs
-/// alternating them in one process).
+/// core's L2 from panel to panel; 256, 128 and the whole batch in one piece measured slower
+/// (`docs/performance.md`).
 const PIECE_ROWS: usize = 512;
 
 /// One product of [`panel_pieces`]: `c = a · panel`, where `panel` holds the output columns
@@ -273,11 +269,9 @@ struct Piece<'a, 'c, T> {
 /// The products `a · panel` a weight in panels splits into, with the block of `c` each writes:
 /// one per panel and per [`PIECE_ROWS`] rows of `a`, listed block of rows by block of rows.
 /// Spread over the threads in that order, each thread works through whole rows of the output,
-/// its rows of `a` staying in cache from panel to panel: with 256-row pieces the full forward
-/// of the README's batch measured 475 and 486 ms against 503 and 504 listing them panel by
-/// panel (all rows in one piece when there are eight panels or more), in runs alternating the
-/// two in one process. The split depends on the shapes alone, so results do not depend on the
-/// thread count.
+/// its rows of `a` staying in cache from panel to panel, which measured faster than listing
+/// them panel by panel (`docs/performance.md`). The split depends on the shapes alone, so
+/// results do not depend on the thread count.
 fn panel_pieces<'a, 'c, T>(
     a: ArrayView2<'a, f32>,
     panels: ArrayView3<'a, f32>,

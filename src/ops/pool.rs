@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// polling for work, until `f` returns.
 ///
 /// A model pass is a chain of many short parallel loops (a 32-token encoder pass has about 60,
-/// a decoding step as many). Between them rayon's idle threads go to sleep, and waking one took
-/// 60–100 µs on the 2-core machine measured: a fifth of a decoding step. This is what OpenMP
+/// a decoding step as many). Between them rayon's idle threads go to sleep, and waking one costs
+/// a sizeable part of a decoding step (`docs/performance.md`). This is what OpenMP
 /// runtimes do with their spin time. Idle threads run pool work while they wait (through
 /// `rayon::yield_now`), so `f`'s loops start at once; a thread already inside such a pass
 /// never waits for another one's, so concurrent passes cannot block each other. Results do not

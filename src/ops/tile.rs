@@ -45,11 +45,9 @@ const TILE_ROWS: std::ops::RangeInclusive<usize> = 1..=64;
 /// register tile ([`TILE_M`] × [`TILE_N`]) adds its terms to partial sums kept in cache. While
 /// one block is in use the tiles ask for the next one (the next [`TILE_KC`] · [`PANEL`] values,
 /// contiguous), a share each, so that memory streams in while the arithmetic runs: with the
-/// hardware prefetchers alone the two took turns. With the panels and these requests a linear
-/// layer of 32 rows × 512 → 2048 on 1 thread ran at 139 GFLOP/s with its weight in cache and
-/// 112 with 40 weights in turn (160 MB), against 97 for both reading the plain `[k, n]` matrix. The requests go to L2: into L1 they stalled on its few
-/// fill buffers, and a decoding step (one row tile) took about 20% longer. Each sum runs over `k` in
-/// order whatever the tiling and thread count, so results do not depend on either.
+/// hardware prefetchers alone the two took turns. The requests go to L2: into L1 they stall on
+/// its few fill buffers (`docs/performance.md` has the figures). Each sum runs over `k` in order
+/// whatever the tiling and thread count, so results do not depend on either.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn tile_product(
@@ -74,7 +72,7 @@ pub(super) fn tile_product(
     let unit_width = strips_per_unit * TILE_N;
     let run = |(unit, mut c_unit): (usize, ArrayViewMut2<f32>)| {
         // Each thread packs its own copy: one packed by another core would be read line by
-        // line out of that core's cache (3% of a decoding step, measured).
+        // line out of that core's cache.
         let a_tiles = pack_row_tiles(simd, a, row_tiles);
         let first = unit * strips_per_unit;
         let unit_strips = c_unit.ncols().div_ceil(TILE_N);
@@ -180,8 +178,8 @@ fn pack_row_tiles(simd: pulp::x86::V4, a: ArrayView2<f32>, row_tiles: usize) -> 
 }
 
 /// `out[r][i] = rows[i][r]` for the [`TILE_M`] (eight) rows of a full tile, eight columns at a
-/// time by register shuffles. Element by element, packing took about a tenth of a 32-token
-/// encoder pass; with the shuffles the pass measured 5.62 → 5.19 ms at 2 threads.
+/// time by register shuffles: element by element, packing took about a tenth of a 32-token
+/// encoder pass (`docs/performance.md`).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn transpose_rows(
     simd: pulp::x86::V4,
