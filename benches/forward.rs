@@ -13,8 +13,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array1, Array2, Array3, Array4};
 use ndtransformer::{
-    scaled_dot_product_attention, LayerNorm, Linear, Mask, MultiHeadAttention, Transformer,
-    TransformerConfig,
+    scaled_dot_product_attention, LayerNorm, Linear, Mask, MultiHeadAttention, Precision,
+    Transformer, TransformerConfig,
 };
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use std::hint::black_box;
@@ -89,6 +89,19 @@ fn bench_model(c: &mut Criterion) {
         b.iter(|| black_box(model.encoder().forward(x1.view(), &Mask::none()).unwrap()))
     });
     group.finish();
+
+    // The same model with int8 linear layers (`Precision::Int8`).
+    let mut int8 = model;
+    int8.quantize(Precision::Int8).expect("finite weights");
+    let mut group = c.benchmark_group("model_int8");
+    group.sample_size(20);
+    group.bench_function("encoder_8x128", |b| {
+        b.iter(|| black_box(int8.encoder().forward(x.view(), &Mask::none()).unwrap()))
+    });
+    group.bench_function("encoder_1x32", |b| {
+        b.iter(|| black_box(int8.encoder().forward(x1.view(), &Mask::none()).unwrap()))
+    });
+    group.finish();
 }
 
 fn bench_ops(c: &mut Criterion) {
@@ -107,6 +120,18 @@ fn bench_ops(c: &mut Criterion) {
     group.throughput(Throughput::Elements(2 * 32 * 512 * 2048));
     group.bench_function("linear_32x512_to_2048", |b| {
         b.iter(|| black_box(ffn_in.forward(short.view()).unwrap()))
+    });
+    let mut ffn_in_int8 = ffn_in.clone();
+    ffn_in_int8
+        .quantize(Precision::Int8)
+        .expect("finite weights");
+    group.throughput(Throughput::Elements(2 * 1024 * 512 * 2048));
+    group.bench_function("linear_1024x512_to_2048_int8", |b| {
+        b.iter(|| black_box(ffn_in_int8.forward(x.view()).unwrap()))
+    });
+    group.throughput(Throughput::Elements(2 * 32 * 512 * 2048));
+    group.bench_function("linear_32x512_to_2048_int8", |b| {
+        b.iter(|| black_box(ffn_in_int8.forward(short.view()).unwrap()))
     });
     let short_small = random3((1, 32, 256), &mut rng);
     let small = Linear::init(256, 256, true, &mut rng);

@@ -4,6 +4,8 @@
 //! Reports the time of one decoding step (all 8 rows) at steps 1, 32 and 64, and the whole
 //! 64-token cached greedy generation (encoder included).
 //!
+//! `generation_int8` repeats the cached step and the whole generation with int8 linear layers.
+//!
 //! The `memory/read_1GiB` bench measures the read bandwidth that bounds a cached step, which
 //! streams the decoder's weights and the output projection once.
 //!
@@ -11,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{s, Array2};
-use ndtransformer::{GreedyOptions, Transformer, TransformerConfig};
+use ndtransformer::{GreedyOptions, Precision, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use std::hint::black_box;
 
@@ -73,6 +75,29 @@ fn bench_generation(c: &mut Criterion) {
     };
     group.bench_function("cached_64_tokens_with_encoder", |b| {
         b.iter(|| black_box(model.greedy_decode(src.view(), None, &options).unwrap()))
+    });
+    group.finish();
+
+    // The same model with int8 linear layers: a cached step streams a quarter of the bytes.
+    let mut int8 = model;
+    int8.quantize(Precision::Int8).expect("finite weights");
+    let memory = int8.encode(src.view(), None).unwrap();
+    let mut group = c.benchmark_group("generation_int8");
+    group.sample_size(10);
+    let step = 32;
+    let mut cache = int8.start_decoding(memory.view(), None).unwrap();
+    for t in 0..step - 1 {
+        int8.decode_step(tgt.column(t), &mut cache).unwrap();
+    }
+    group.bench_function(format!("cached/step_{step}"), |b| {
+        b.iter(|| {
+            let logits = int8.decode_step(tgt.column(step - 1), &mut cache).unwrap();
+            cache.truncate(step - 1).unwrap();
+            black_box(logits)
+        })
+    });
+    group.bench_function("cached_64_tokens_with_encoder", |b| {
+        b.iter(|| black_box(int8.greedy_decode(src.view(), None, &options).unwrap()))
     });
     group.finish();
 }

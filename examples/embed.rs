@@ -23,17 +23,6 @@ use ndtransformer::SentenceEncoder;
 
 const BATCH: usize = 32;
 
-const DEMO: [&str; 8] = [
-    "A man is playing a guitar on stage.",
-    "Someone performs music with a string instrument.",
-    "The new movie was a huge success at the box office.",
-    "The film earned a lot of money in its first week.",
-    "How do I bake sourdough bread at home?",
-    "Recipe for homemade bread with a natural starter.",
-    "The stock market fell sharply on Monday.",
-    "Le marché boursier a fortement chuté lundi.",
-];
-
 struct Args {
     sentences: Vec<String>,
     query: Option<String>,
@@ -73,9 +62,9 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if args.sentences.is_empty() {
-        args.sentences = DEMO.iter().map(|s| s.to_string()).collect();
+        args.sentences = minilm::DEMO.iter().map(|s| s.to_string()).collect();
         if args.query.is_none() {
-            args.query = Some("Where can I learn to make bread?".into());
+            args.query = Some(minilm::DEMO_QUERY.into());
         }
     }
     Ok(args)

@@ -159,6 +159,8 @@ impl EncoderModel {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
+        let mut model = model;
+        model.quantize(options.precision)?;
         Ok(model)
     }
 

@@ -16,6 +16,7 @@ use crate::encoder::{check_input, check_widths, load_final_norm, stack_width, vi
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
+use crate::linear::{Linear, Linears};
 use crate::mask::Mask;
 use crate::ops;
 use crate::parameters::{visit_child, Parameters, Scope, Visitor};
@@ -415,6 +416,20 @@ pub(crate) fn check_decoder_inputs(
     }
     self_mask.check(b, tgt_len, tgt_len)?;
     cross_mask.check(b, tgt_len, memory.shape()[1])
+}
+
+impl Linears for DecoderLayer {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        self.self_attn.linears_mut(f)?;
+        self.cross_attn.linears_mut(f)?;
+        self.feed_forward.linears_mut(f)
+    }
+}
+
+impl Linears for Decoder {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.linears_mut(f))
+    }
 }
 
 impl Parameters for DecoderLayer {

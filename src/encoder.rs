@@ -13,6 +13,7 @@ use crate::config::{NormPosition, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::feed_forward::FeedForward;
 use crate::layer_norm::LayerNorm;
+use crate::linear::{Linear, Linears};
 use crate::mask::Mask;
 use crate::ops;
 use crate::parameters::{visit_child, Parameters, Scope, Visitor};
@@ -333,6 +334,19 @@ pub(crate) fn stack_width(
     let parts: Vec<(&str, usize)> = parts.iter().map(|(n, w)| (n.as_str(), *w)).collect();
     check_widths(d_model, &parts)?;
     Ok(d_model)
+}
+
+impl Linears for EncoderLayer {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        self.self_attn.linears_mut(f)?;
+        self.feed_forward.linears_mut(f)
+    }
+}
+
+impl Linears for Encoder {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.linears_mut(f))
+    }
 }
 
 impl Parameters for EncoderLayer {

@@ -15,9 +15,11 @@ use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
 use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
+use crate::linear::{check_int8_widths, Linears};
 use crate::mask::{KeyPaddingMask, Mask};
 use crate::naming;
 use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
+use crate::precision::Precision;
 
 /// Token ids in, contextual token vectors out.
 ///
@@ -163,6 +165,30 @@ impl EncoderModel {
         naming::BERT.check_finite(self)
     }
 
+    /// Converts every linear layer (attention projections, feed-forward layers) to
+    /// `precision`, in place, as [`Transformer::quantize`](crate::Transformer::quantize) does.
+    ///
+    /// # Errors
+    /// As [`Transformer::quantize`](crate::Transformer::quantize); the model is unchanged then.
+    pub fn quantize(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.precision() {
+            return Ok(());
+        }
+        self.check_finite()?;
+        check_int8_widths(self, precision)?;
+        self.encoder.linears_mut(&mut |l| l.quantize(precision))
+    }
+
+    /// The precision of the linear layers.
+    pub fn precision(&self) -> Precision {
+        parameters::precision(self)
+    }
+
+    /// Bytes the parameters take as stored.
+    pub fn parameter_bytes(&self) -> usize {
+        parameters::bytes(self)
+    }
+
     /// The encoder's input: token embeddings, positions and types, normed if configured.
     ///
     /// # Shapes
@@ -253,6 +279,12 @@ impl EncoderModel {
 }
 
 /// `tokens`, `input` and `encoder`.
+impl Linears for EncoderModel {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut crate::Linear) -> Result<()>) -> Result<()> {
+        self.encoder.linears_mut(f)
+    }
+}
+
 impl Parameters for EncoderModel {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
         visit_child(f, "tokens", &self.tokens);

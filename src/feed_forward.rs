@@ -9,6 +9,7 @@ use rand::Rng;
 use crate::config::{Activation, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
+use crate::linear::Linears;
 use crate::ops;
 use crate::parameters::{visit_child, Parameters, Scope, Visitor};
 
@@ -137,6 +138,13 @@ impl FeedForward {
 }
 
 /// `linear1` (W₁, `[d_ff, d_model]`) and `linear2` (W₂, `[d_model, d_ff]`), as in PyTorch.
+impl Linears for FeedForward {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        f(&mut self.linear1)?;
+        f(&mut self.linear2)
+    }
+}
+
 impl Parameters for FeedForward {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
         visit_child(f, "linear1", &self.linear1);

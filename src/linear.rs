@@ -8,6 +8,7 @@ use rand::Rng;
 
 use crate::error::{Error, Result};
 use crate::parameters::{Parameters, Scope, Tensor, Visitor};
+use crate::precision::Precision;
 use crate::{huge_pages, init, ops};
 
 /// A fully connected layer, `y = x Wᵀ + b`, with the weight in PyTorch's `[out, in]` layout.
@@ -43,6 +44,9 @@ enum Stored {
     Panels(ArcArray<f32, Ix3>),
     /// `W` itself, `[out, in]`, shared with the embedding table it is tied to.
     Rows(ArcArray<f32, Ix2>),
+    /// `W` as int8 values with one scale per output row ([`Precision::Int8`]); with the f32
+    /// table it was made from when the layer is tied to one.
+    Int8(ops::Int8Weight, Option<ArcArray<f32, Ix2>>),
 }
 
 impl Linear {
@@ -112,6 +116,68 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => p.shape()[1],
             Stored::Rows(w) => w.ncols(),
+            Stored::Int8(q, _) => q.in_features(),
+        }
+    }
+
+    /// The precision the weight is stored in.
+    pub fn precision(&self) -> Precision {
+        match &self.weight {
+            Stored::Panels(_) | Stored::Rows(_) => Precision::F32,
+            Stored::Int8(..) => Precision::Int8,
+        }
+    }
+
+    /// Converts the weight to `precision` in place (the bias stays f32).
+    ///
+    /// To [`Precision::Int8`]: one symmetric scale per output row. Back to
+    /// [`Precision::F32`]: the int8 values times their scales (what the int8 products use),
+    /// or the table itself for a projection tied to one.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] (named `weight`) if the weight holds NaN or ±∞; [`Error::Config`] if
+    /// `in_features` is more than int8 sums can hold (131072).
+    pub fn quantize(&mut self, precision: Precision) -> Result<()> {
+        check_int8_widths(self, precision)?;
+        match (precision, &self.weight) {
+            (Precision::F32, Stored::Int8(q, tied)) => {
+                self.weight = match tied {
+                    Some(table) => Stored::Rows(table.clone()),
+                    None => Stored::Panels(ops::pack_panels(q.dequantize().t()).into_shared()),
+                };
+            }
+            (Precision::Int8, Stored::Panels(_) | Stored::Rows(_)) => {
+                let q = {
+                    let w = self.weight_view();
+                    ops::Int8Weight::quantize(w.view()).ok_or_else(|| {
+                        let (at, &value) = w
+                            .indexed_iter()
+                            .find(|(_, v)| !v.is_finite())
+                            .expect("a non-finite value");
+                        Error::NonFinite {
+                            name: "weight".into(),
+                            index: vec![at.0, at.1],
+                            value,
+                        }
+                    })?
+                };
+                let tied = match &self.weight {
+                    Stored::Rows(table) => Some(table.clone()),
+                    _ => None,
+                };
+                self.weight = Stored::Int8(q, tied);
+            }
+            (Precision::F32, _) | (Precision::Int8, Stored::Int8(..)) => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes of the int8 copy a tied projection keeps of its table (0 otherwise): memory the
+    /// parameter walk, which reports the table once, does not count.
+    pub(crate) fn tied_copy_bytes(&self) -> usize {
+        match &self.weight {
+            Stored::Int8(q, Some(_)) => q.bytes(),
+            _ => 0,
         }
     }
 
@@ -130,6 +196,7 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
             Stored::Rows(w) => w.view().into(),
+            Stored::Int8(q, _) => q.dequantize().into(),
         }
     }
 
@@ -138,6 +205,7 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
             Stored::Rows(w) => ops::Weight::Plain(w.view()),
+            Stored::Int8(q, _) => ops::Weight::Int8(q),
         }
     }
 
@@ -205,12 +273,47 @@ impl Linear {
     }
 }
 
+/// Checks, before anything is converted, that every linear layer of `model` can take
+/// `precision` (int8 sums hold at most [`ops::INT8_MAX_INPUTS`] inputs).
+pub(crate) fn check_int8_widths(model: &mut dyn Linears, precision: Precision) -> Result<()> {
+    if precision != Precision::Int8 {
+        return Ok(());
+    }
+    model.linears_mut(&mut |l| {
+        let inputs = l.in_features();
+        if inputs > ops::INT8_MAX_INPUTS {
+            return Err(Error::config(
+                "precision",
+                format!(
+                    "int8 layers take at most {} inputs; one has {inputs}",
+                    ops::INT8_MAX_INPUTS
+                ),
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// A layer that holds linear layers: the mutable walk that converts them in place
+/// ([`Linear::quantize`]). Each layer calls `f` on its own linear layers and passes it to its
+/// sub-layers, in the order of the parameter walk.
+pub(crate) trait Linears {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()>;
+}
+
+impl Linears for Linear {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        f(self)
+    }
+}
+
 impl Parameters for Linear {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
         match &self.weight {
             Stored::Panels(p) => f("weight", Tensor::Panels(p.view(), self.out_features)),
+            Stored::Int8(q, None) => f("weight", Tensor::Int8(q)),
             // A tied weight is reported by the table that owns it.
-            Stored::Rows(_) => {}
+            Stored::Rows(_) | Stored::Int8(_, Some(_)) => {}
         }
         if let Some(b) = &self.bias {
             f("bias", Tensor::Plain(b.view().into_dyn()));
@@ -226,7 +329,7 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
         .iter()
         .map(|l| match &l.weight {
             Stored::Panels(p) => Some(p),
-            Stored::Rows(_) => None,
+            Stored::Rows(_) | Stored::Int8(..) => None,
         })
         .collect();
     let Some(panels) = panels else {
@@ -290,7 +393,7 @@ mod tests {
         let stride = 4 * 600 * 128;
         let ptr = |l: &Linear| match &l.weight {
             Stored::Panels(p) => p.as_ptr(),
-            Stored::Rows(_) => unreachable!("packed layers hold panels"),
+            _ => unreachable!("packed layers hold panels"),
         };
         let (p0, p2) = (ptr(&packed[0]), ptr(&packed[2]));
         assert_eq!(

@@ -14,6 +14,7 @@ use ndarray::{Array1, Array2, ArrayD, ArrayView2, ArrayView3, ArrayViewD, CowArr
 
 use crate::error::{Error, Result};
 use crate::ops;
+use crate::precision::Precision;
 
 /// A parameter as its layer stores it.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub(crate) enum Tensor<'a> {
     Plain(ArrayViewD<'a, f32>),
     /// A linear layer's weight `[out, in]`, stored transposed in panels (`ops::pack_panels`).
     Panels(ArrayView3<'a, f32>, usize),
+    /// A linear layer's weight `[out, in]` as int8 values with one scale per output row.
+    Int8(&'a ops::Int8Weight),
 }
 
 impl<'a> Tensor<'a> {
@@ -30,6 +33,7 @@ impl<'a> Tensor<'a> {
         match self {
             Tensor::Plain(t) => t.shape().to_vec(),
             Tensor::Panels(p, out) => vec![*out, p.shape()[1]],
+            Tensor::Int8(q) => vec![q.out_features(), q.in_features()],
         }
     }
 
@@ -38,20 +42,41 @@ impl<'a> Tensor<'a> {
         self.shape().iter().product()
     }
 
+    /// Bytes the tensor takes as stored (panels with their padding, int8 values with their
+    /// scales).
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Tensor::Plain(t) => 4 * t.len(),
+            Tensor::Panels(p, _) => 4 * p.len(),
+            Tensor::Int8(q) => q.bytes(),
+        }
+    }
+
     /// The values in PyTorch's layout: borrowed when stored that way, a copy for panels.
     pub(crate) fn values(&self) -> CowArray<'a, f32, IxDyn> {
         match self {
             Tensor::Plain(t) => t.clone().into(),
             Tensor::Panels(p, out) => ops::unpack_panels(*p, *out).into_dyn().into(),
+            Tensor::Int8(q) => q.dequantize().into_dyn().into(),
         }
     }
 
-    /// The values as stored, in storage order (panels included): for hashing, never copied.
-    pub(crate) fn stored(&self) -> ArrayViewD<'a, f32> {
-        match self {
+    /// Hashes every `step`-th value as stored, in storage order (panels included, int8 values
+    /// with their scales), never copying: equal tensors stored alike hash alike.
+    pub(crate) fn hash_sample(&self, step: usize, h: &mut impl std::hash::Hasher) {
+        use std::hash::Hash;
+        let floats = match self {
             Tensor::Plain(t) => t.clone(),
             Tensor::Panels(p, _) => p.into_dyn(),
-        }
+            Tensor::Int8(q) => {
+                q.stored().iter().step_by(step).for_each(|v| v.hash(h));
+                ndarray::ArrayView1::from(q.scales()).into_dyn()
+            }
+        };
+        floats
+            .iter()
+            .step_by(step)
+            .for_each(|v| v.to_bits().hash(h));
     }
 }
 
@@ -83,6 +108,24 @@ pub(crate) fn count(model: &dyn Parameters) -> usize {
     let mut n = 0;
     model.visit(&mut |_, t| n += t.len());
     n
+}
+
+/// Bytes `model`'s parameters take as stored.
+pub(crate) fn bytes(model: &dyn Parameters) -> usize {
+    let mut n = 0;
+    model.visit(&mut |_, t| n += t.bytes());
+    n
+}
+
+/// [`Precision::Int8`] if `model` holds an int8 tensor, else [`Precision::F32`].
+pub(crate) fn precision(model: &dyn Parameters) -> Precision {
+    let mut int8 = false;
+    model.visit(&mut |_, t| int8 |= matches!(t, Tensor::Int8(_)));
+    if int8 {
+        Precision::Int8
+    } else {
+        Precision::F32
+    }
 }
 
 /// The first NaN or infinity of `tensor` (in row-major order) as an [`Error::NonFinite`].

@@ -84,6 +84,15 @@ impl SentenceEncoder {
         &self.model
     }
 
+    /// Converts the encoder's linear layers to `precision`, in place
+    /// ([`EncoderModel::quantize`]).
+    ///
+    /// # Errors
+    /// As [`EncoderModel::quantize`]; the model is unchanged then.
+    pub fn quantize(&mut self, precision: crate::Precision) -> Result<()> {
+        self.model.quantize(precision)
+    }
+
     /// The pooling modes, concatenated in this order.
     pub fn pooling(&self) -> &[Pooling] {
         &self.pooling

@@ -18,12 +18,13 @@ use crate::error::{Error, Result};
 use crate::huge_pages;
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
-use crate::linear::Linear;
+use crate::linear::{check_int8_widths, Linear, Linears};
 use crate::mask::{KeyPaddingMask, Mask};
 use crate::naming;
 use crate::ops;
 use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
 use crate::positional::PositionalEncoding;
+use crate::precision::Precision;
 
 /// The Transformer: token ids in, next-token logits out.
 ///
@@ -276,6 +277,36 @@ impl Transformer {
     /// ```
     pub fn check_finite(&self) -> Result<()> {
         naming::PYTORCH.check_finite(self)
+    }
+
+    /// Converts every linear layer (the attention projections, the feed-forward layers and the
+    /// output projection) to `precision`, in place; embedding tables, norms and biases stay
+    /// f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 values'
+    /// rounding: it does not restore the original weights.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] naming the tensor if a parameter is NaN or infinite, and
+    /// [`Error::Config`] if a layer is wider than int8 sums can hold; the model is unchanged
+    /// then.
+    pub fn quantize(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.precision() {
+            return Ok(());
+        }
+        self.check_finite()?;
+        check_int8_widths(self, precision)?;
+        self.linears_mut(&mut |l| l.quantize(precision))?;
+        self.fingerprint = self.compute_fingerprint();
+        Ok(())
+    }
+
+    /// The precision of the linear layers.
+    pub fn precision(&self) -> Precision {
+        self.output.precision()
+    }
+
+    /// Bytes the parameters take as stored, with a tied output projection's int8 copy.
+    pub fn parameter_bytes(&self) -> usize {
+        parameters::bytes(self) + self.output.tied_copy_bytes()
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.
@@ -668,15 +699,19 @@ impl Transformer {
         format!("{:?}", self.config).hash(&mut h);
         // Every 97th stored value of what decoding reads (weights in panels as stored: equal
         // weights, equal panels).
-        let mut sample = |_: &str, t: parameters::Tensor| {
-            for v in t.stored().iter().step_by(97) {
-                v.to_bits().hash(&mut h);
-            }
-        };
+        let mut sample = |_: &str, t: parameters::Tensor| t.hash_sample(97, &mut h);
         self.tgt_embedding().visit(&mut sample);
         self.decoder.visit(&mut sample);
         self.output.visit(&mut sample);
         h.finish()
+    }
+}
+
+impl Linears for Transformer {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        self.encoder.linears_mut(f)?;
+        self.decoder.linears_mut(f)?;
+        f(&mut self.output)
     }
 }
 

@@ -38,6 +38,7 @@ use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
 use crate::naming::{self, Naming};
 use crate::parameters::{first_non_finite, Parameters, Scope, Source};
+use crate::precision::Precision;
 use crate::transformer::Transformer;
 
 /// How to read a weights file.
@@ -68,6 +69,9 @@ pub struct LoadOptions {
     /// check is one extra pass over the weights); [`Transformer::check_finite`] runs it on a
     /// model already built.
     pub check_finite: bool,
+    /// The precision the model's linear layers are converted to once loaded
+    /// ([`Transformer::quantize`]). Default [`Precision::F32`]: the stored weights as they are.
+    pub precision: Precision,
 }
 
 impl Default for LoadOptions {
@@ -77,6 +81,7 @@ impl Default for LoadOptions {
             strict: true,
             convert_half: true,
             check_finite: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -337,7 +342,8 @@ impl Transformer {
         options: &LoadOptions,
     ) -> Result<(Self, LoadReport)> {
         let mut r = Reader::new(bytes, &naming::PYTORCH, options)?;
-        let model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
+        let mut model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
+        model.quantize(options.precision)?;
         let unused = r.unused();
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });

@@ -8,8 +8,8 @@ use half::{bf16, f16};
 use ndarray::{array, s, Array1, Array2, Array3};
 use ndtransformer::{
     scaled_dot_product_attention_with_weights, AttnMask, BeamSearchOptions, Encoder, Error,
-    GreedyOptions, KeyPaddingMask, LoadOptions, Mask, MaxLength, MultiHeadAttention, Transformer,
-    TransformerConfig,
+    GreedyOptions, KeyPaddingMask, LoadOptions, Mask, MaxLength, MultiHeadAttention, Precision,
+    Transformer, TransformerConfig,
 };
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use safetensors::tensor::{Dtype, TensorView};
@@ -915,6 +915,41 @@ fn nan_in_the_stacked_projection_is_named_by_its_pytorch_index() {
         matches!(&e, Error::NonFinite { name, index, value }
             if name == "transformer.decoder.layers.0.multihead_attn.in_proj_weight"
                 && index == &[17, 2] && value.is_nan()),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn quantizing_a_nan_weight_names_it_and_leaves_the_model_in_f32() {
+    let mut tensors = tensors_of(&model_bytes());
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.name == "transformer.decoder.layers.0.linear2.weight")
+        .unwrap();
+    let cols = t.shape[1];
+    let at = (3 * cols + 5) * 4;
+    t.data[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let mut m = load(&serialize(&tensors)).unwrap();
+    let e = err(m.quantize(Precision::Int8));
+    assert!(
+        matches!(&e, Error::NonFinite { name, index, value }
+            if name == "transformer.decoder.layers.0.linear2.weight"
+                && index == &[3, 5] && *value == f32::INFINITY),
+        "{e:?}"
+    );
+    assert_eq!(m.precision(), Precision::F32);
+    // Loading with int8 asked for fails the same way.
+    let options = LoadOptions {
+        precision: Precision::Int8,
+        ..LoadOptions::default()
+    };
+    let e = err(Transformer::from_safetensors(
+        tiny(),
+        &serialize(&tensors),
+        &options,
+    ));
+    assert!(
+        matches!(&e, Error::NonFinite { index, .. } if index == &[3, 5]),
         "{e:?}"
     );
 }

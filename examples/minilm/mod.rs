@@ -8,6 +8,21 @@ use std::process::Command;
 use ndarray::Array2;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+/// The sentences `examples/embed.rs` compares when given none.
+pub const DEMO: [&str; 8] = [
+    "A man is playing a guitar on stage.",
+    "Someone performs music with a string instrument.",
+    "The new movie was a huge success at the box office.",
+    "The film earned a lot of money in its first week.",
+    "How do I bake sourdough bread at home?",
+    "Recipe for homemade bread with a natural starter.",
+    "The stock market fell sharply on Monday.",
+    "Le marché boursier a fortement chuté lundi.",
+];
+
+/// The query `examples/embed.rs` ranks the demo sentences by.
+pub const DEMO_QUERY: &str = "Where can I learn to make bread?";
+
 /// The model used when no directory is given.
 pub const DEFAULT_MODEL: &str = "all-MiniLM-L6-v2";
 

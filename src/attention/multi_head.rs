@@ -14,6 +14,7 @@ use super::scaled_dot_product::{attend_into, attend_one_query};
 use crate::config::validate_heads;
 use crate::error::{Error, Result};
 use crate::init;
+use crate::linear::Linears;
 use crate::linear::{pack_weights, Linear};
 use crate::mask::Mask;
 use crate::parameters::{visit_child, Parameters, Scope, Visitor};
@@ -359,6 +360,20 @@ pub(crate) fn heads(x: &Array4<f32>) -> ArrayView4<'_, f32> {
 }
 
 /// `q_proj`, `k_proj`, `v_proj` (W^Q, W^K, W^V of all heads) and `out_proj` (W^O), §3.2.2.
+impl Linears for MultiHeadAttention {
+    fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
+        for p in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ] {
+            f(p)?;
+        }
+        Ok(())
+    }
+}
+
 impl Parameters for MultiHeadAttention {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
         visit_child(f, "q_proj", &self.q_proj);

@@ -12,6 +12,7 @@
 //! | `tile.rs` | the AVX-512 register tiles for a few rows times a weight in panels |
 //! | `stream.rs` | products of very few rows: a weight streamed once, per-head few-row products |
 //! | `amx.rs` | batch products on Intel's AMX tiles, at f32 accuracy |
+//! | `int8.rs` | int8 linear layers: weights per row, activations per block of a row, i32 sums |
 //! | `attention.rs` | the per-head kernels of attention, `q kᵀ` and `p v` (§3.2.1) |
 //! | `softmax.rs` | softmax, log-softmax, online softmax |
 //! | `norm.rs` | LayerNorm and residual additions |
@@ -46,6 +47,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis, D
 mod activation;
 mod attention;
 mod gemm;
+mod int8;
 mod lanes;
 mod norm;
 mod panels;
@@ -64,6 +66,7 @@ pub(crate) use self::attention::{
     head_scores, head_values, query_scores, weighted_rows, HeadScratch,
 };
 pub(crate) use self::gemm::matmul_into_serial;
+pub(crate) use self::int8::{Int8Weight, MAX_INPUTS as INT8_MAX_INPUTS};
 pub(crate) use self::lanes::argmax_rows;
 pub(crate) use self::norm::{add_rows_inplace, layer_norm_rows_inplace};
 pub(crate) use self::panels::{pack_panels, unpack_panels};
@@ -89,6 +92,8 @@ pub(crate) enum Weight<'a> {
     Plain(ArrayView2<'a, f32>),
     /// `Wᵀ` in panels ([`pack_panels`]), with its number of columns (`out`).
     Panels(ArrayView3<'a, f32>, usize),
+    /// `W` as int8 values with one scale per output row ([`Int8Weight`]).
+    Int8(&'a Int8Weight),
 }
 
 impl Weight<'_> {
@@ -97,6 +102,25 @@ impl Weight<'_> {
         match self {
             Weight::Plain(w) => w.nrows(),
             Weight::Panels(_, n) => *n,
+            Weight::Int8(w) => w.out_features(),
+        }
+    }
+}
+
+/// The f32 weights of [`Weight`], which the float kernels take.
+#[derive(Clone, Copy)]
+enum F32Weight<'a> {
+    Plain(ArrayView2<'a, f32>),
+    Panels(ArrayView3<'a, f32>, usize),
+}
+
+impl<'a> Weight<'a> {
+    /// The f32 weight, or the int8 one.
+    fn split(self) -> Result<F32Weight<'a>, &'a Int8Weight> {
+        match self {
+            Weight::Plain(w) => Ok(F32Weight::Plain(w)),
+            Weight::Panels(p, n) => Ok(F32Weight::Panels(p, n)),
+            Weight::Int8(q) => Err(q),
         }
     }
 }
@@ -116,14 +140,25 @@ pub(crate) fn linear(
     epilogue: Epilogue,
 ) -> Array2<f32> {
     let (rows, out) = (x.nrows(), w.out_features());
+    let w = match w.split() {
+        Ok(w) => w,
+        Err(q) => {
+            let mut y = huge_pages::zeros(Dim([rows, out]));
+            int8::int8_linear(x, q, bias, y.view_mut());
+            if epilogue != Epilogue::Bias {
+                activate_rows(y.view_mut(), epilogue);
+            }
+            return y;
+        }
+    };
     if rows * out > 0 && takes_blocked(x, w) {
         return match w {
-            Weight::Plain(w) => {
+            F32Weight::Plain(w) => {
                 let mut y = blocked_product_fresh(x, w.t(), threads_for(x, w.t()));
                 bias_activate_rows(y.view_mut(), bias, epilogue);
                 y
             }
-            Weight::Panels(panels, n) => panels_product_fresh(x, panels, n, bias, epilogue),
+            F32Weight::Panels(panels, n) => panels_product_fresh(x, panels, n, bias, epilogue),
         };
     }
     let mut y = match bias {
@@ -163,13 +198,23 @@ pub(crate) fn linear_into(
     if rows * out == 0 {
         return;
     }
+    let w = match w.split() {
+        Ok(w) => w,
+        Err(q) => {
+            int8::int8_linear(x, q, bias, y.view_mut());
+            if epilogue != Epilogue::Bias {
+                activate_rows(y, epilogue);
+            }
+            return;
+        }
+    };
     if takes_blocked(x, w) {
         match w {
-            Weight::Plain(w) => {
+            F32Weight::Plain(w) => {
                 blocked_product(x, w.t(), 1.0, 0.0, &mut y, threads_for(x, w.t()));
                 bias_activate_rows(y, bias, epilogue);
             }
-            Weight::Panels(panels, n) => {
+            F32Weight::Panels(panels, n) => {
                 panels_product_biased_into(x, panels, n, bias, epilogue, y)
             }
         }
@@ -185,10 +230,10 @@ pub(crate) fn linear_into(
 
 /// Whether `x · wᵀ` takes the blocked kernel (a batch of rows), whose output [`linear`] writes
 /// once into fresh memory; the choice depends on the shapes alone.
-fn takes_blocked(x: ArrayView2<f32>, w: Weight) -> bool {
+fn takes_blocked(x: ArrayView2<f32>, w: F32Weight) -> bool {
     match w {
-        Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
-        Weight::Panels(panels, n) => {
+        F32Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
+        F32Weight::Panels(panels, n) => {
             !uses_tile(x.nrows())
                 && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
         }
@@ -224,15 +269,15 @@ fn bias_activate_rows(
 /// over whatever `y` holds.
 fn add_product(
     x: ArrayView2<f32>,
-    w: Weight,
+    w: F32Weight,
     onto_bias: bool,
     epilogue: Epilogue,
     mut y: ArrayViewMut2<f32>,
 ) {
     let beta = if onto_bias { 1.0 } else { 0.0 };
     match w {
-        Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y),
-        Weight::Panels(panels, n) => panels_product_into(x, panels, n, 1.0, beta, &mut y),
+        F32Weight::Plain(w) => matmul_into(x, w.t(), 1.0, beta, &mut y),
+        F32Weight::Panels(panels, n) => panels_product_into(x, panels, n, 1.0, beta, &mut y),
     }
     if epilogue != Epilogue::Bias {
         activate_rows(y, epilogue);

@@ -1,0 +1,636 @@
+//! Int8 linear layers: weights quantized per output row, activations per row (per token) at
+//! run time, in blocks of 32 inputs, products summed exactly in i32, then dequantized with both
+//! scales.
+//!
+//! `y[r, o] = (Σ_b S_b[r, o] · sx_b[r]) · sw[o] + b[o]`, where `S_b` is the exact integer sum
+//! `Σ_{i in block b} qx[r, i] · qw[o, i]`. The weight's `qw = round(W / sw)` has one symmetric
+//! scale per output row, fixed when the model is quantized. Each block of 32 inputs of a row
+//! gets its own scale `sx_b[r]` and an 8-bit grid (255 steps over `[min(x, 0), max(x, 0)]`),
+//! computed on every call. Blocks keep one large activation (BERT's outlier features) from
+//! coarsening a whole row: on all-MiniLM-L6-v2 one scale per row left the worst sentence at
+//! cosine 0.993 with f32, blocks of 32 at 0.996. The integer sums are exact whatever the
+//! order, so every path (AVX2 here, the plain loops elsewhere) gives the same bits as the
+//! scalar reference; the f32 steps after them are the same on every path. `Linear` holds an
+//! [`Int8Weight`] when its model is quantized and calls [`int8_linear`] through
+//! [`super::linear`].
+//!
+//! AVX2 has no int8 dot product that cannot saturate: `vpmaddubsw` adds two u8 × s8 products
+//! into an i16, which overflows for large values of both. The kernel widens both operands to
+//! i16 instead and multiplies with `vpmaddwd` (i16 × i16 pairs into i32), which is exact for
+//! the full int8 range.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ndarray::parallel::prelude::*;
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+
+use super::lanes::with_slice;
+
+/// Values of `k` one group of the packed layout holds (one 64-bit broadcast of i16 inputs).
+const GROUP: usize = 4;
+/// Output columns one strip of the packed layout holds (32 bytes a group: one AVX2 register).
+const STRIP: usize = 8;
+/// Rows one register tile covers: 4 rows × 8 columns take 8 accumulators.
+const TILE_ROWS: usize = 4;
+/// Rows of the input one unit of work takes: their quantized values (64 rows of 512 inputs,
+/// 64 KiB) stay in L2 while the unit's strips pass through L1.
+const CHUNK_ROWS: usize = 64;
+/// Strips one unit of work takes: 128 output columns.
+const UNIT_STRIPS: usize = 16;
+/// The largest `k` whose sums cannot overflow an i32: `k · 128² ≤ 2³¹`.
+pub(crate) const MAX_INPUTS: usize = 1 << 17;
+
+/// A weight `W: [out, in]` as int8 values with one scale per output row: `W[o, i] ≈ sw[o] ·
+/// q[o, i]`.
+///
+/// Stored as strips of 8 output columns, each strip's groups of 4 inputs one after another
+/// (`[out / 8][in / 4][8][4]`, zero-padded), so that a product reads the weight once, front to
+/// back, 32 bytes a step. Shared (not copied) when a layer is cloned.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Int8Weight {
+    packed: Arc<[i8]>,
+    scales: Arc<[f32]>,
+    out: usize,
+    inputs: usize,
+}
+
+impl Int8Weight {
+    /// `w: [out, in]` quantized per row: `sw[o] = max|w[o, :]| / 127`, `q = round(w / sw)` (to
+    /// the nearest, ties to even; a row of zeros gets scale 0). `None` if a value is not
+    /// finite.
+    pub(crate) fn quantize(w: ArrayView2<f32>) -> Option<Self> {
+        let (out, inputs) = w.dim();
+        let mut q = Array2::<i8>::zeros((out, inputs));
+        let mut scales = vec![0.0f32; out];
+        let finite = AtomicBool::new(true);
+        q.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(w.axis_iter(Axis(0)))
+            .zip(scales.par_iter_mut())
+            .for_each(|((mut q_row, row), scale)| {
+                let row = row.to_vec();
+                let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                if !max.is_finite() || row.iter().any(|v| v.is_nan()) {
+                    finite.store(false, Ordering::Relaxed);
+                    return;
+                }
+                let inv;
+                (*scale, inv) = best_scale(&row, max);
+                for (q, &v) in q_row.iter_mut().zip(&row) {
+                    *q = quantize_value(v, inv);
+                }
+            });
+        finite
+            .into_inner()
+            .then(|| Self::from_parts(q.view(), &scales))
+    }
+
+    /// A weight from its int8 values `q: [out, in]` and scales `[out]` (shapes checked by the
+    /// caller).
+    pub(crate) fn from_parts(q: ArrayView2<i8>, scales: &[f32]) -> Self {
+        let (out, inputs) = q.dim();
+        debug_assert_eq!(scales.len(), out);
+        let groups = inputs.div_ceil(GROUP);
+        let mut packed = vec![0i8; out.div_ceil(STRIP) * groups * STRIP * GROUP];
+        for ((o, i), &v) in q.indexed_iter() {
+            packed[index(groups, o, i)] = v;
+        }
+        Int8Weight {
+            packed: packed.into(),
+            scales: scales.into(),
+            out,
+            inputs,
+        }
+    }
+
+    /// `out`, the number of outputs.
+    pub(crate) fn out_features(&self) -> usize {
+        self.out
+    }
+
+    /// `in`, the number of inputs.
+    pub(crate) fn in_features(&self) -> usize {
+        self.inputs
+    }
+
+    /// The int8 values, `[out, in]`.
+    pub(crate) fn values(&self) -> Array2<i8> {
+        let groups = self.inputs.div_ceil(GROUP);
+        Array2::from_shape_fn((self.out, self.inputs), |(o, i)| {
+            self.packed[index(groups, o, i)]
+        })
+    }
+
+    /// The int8 values as stored (packed, with their padding).
+    pub(crate) fn stored(&self) -> &[i8] {
+        &self.packed
+    }
+
+    /// The scales, `[out]`.
+    pub(crate) fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// `sw[o] · q[o, i]`, `[out, in]`: the weight the products use, in f32.
+    pub(crate) fn dequantize(&self) -> Array2<f32> {
+        let mut w = self.values().mapv(f32::from);
+        for (mut row, &s) in w.rows_mut().into_iter().zip(self.scales.iter()) {
+            row.mapv_inplace(|q| q * s);
+        }
+        w
+    }
+
+    /// Bytes the weight takes: the int8 values (with their padding) and the scales.
+    pub(crate) fn bytes(&self) -> usize {
+        self.packed.len() + 4 * self.scales.len()
+    }
+}
+
+/// Where `q[o, i]` lies in the packed layout of a weight with `groups` groups of inputs.
+fn index(groups: usize, o: usize, i: usize) -> usize {
+    ((o / STRIP * groups + i / GROUP) * STRIP + o % STRIP) * GROUP + i % GROUP
+}
+
+/// The scale `max / 127` of a row whose largest magnitude is `max`, and the factor `127 / max`
+/// its values are multiplied by before rounding (0 for a row of zeros).
+#[inline(always)]
+fn scale_and_inverse(max: f32) -> (f32, f32) {
+    if max > 0.0 {
+        (max / 127.0, 127.0 / max)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// The scale (and its inverse) of a weight row with the least squared rounding error, among
+/// `max / 127` and the clipped ranges `c · max / 127` for `c` from 0.70 to 0.99 (values beyond
+/// `127 · scale` saturate): a few large weights then cost less than the precision of all the
+/// others.
+fn best_scale(row: &[f32], max: f32) -> (f32, f32) {
+    let error = |(scale, inv): (f32, f32)| -> f32 {
+        row.iter()
+            .map(|&v| {
+                let e = v - f32::from(quantize_value(v, inv)) * scale;
+                e * e
+            })
+            .sum()
+    };
+    let mut best = scale_and_inverse(max);
+    let mut best_error = error(best);
+    for step in 70..100 {
+        let candidate = scale_and_inverse(max * step as f32 / 100.0);
+        let e = error(candidate);
+        if e < best_error {
+            (best, best_error) = (candidate, e);
+        }
+    }
+    best
+}
+
+/// `round(v · inv)` to the nearest integer, ties to even, within `[-127, 127]`.
+#[inline(always)]
+fn quantize_value(v: f32, inv: f32) -> i8 {
+    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
+/// Groups of inputs (4 each) that share one activation scale: blocks of 32 inputs.
+const BLOCK_GROUPS: usize = 8;
+/// Inputs per activation block.
+const BLOCK: usize = BLOCK_GROUPS * GROUP;
+
+/// Input rows quantized for a product: `q: [rows][groups · 4]` as i16 (zero-padded) and one
+/// scale per block of [`BLOCK`] inputs of each row.
+struct QuantizedRows {
+    q: Vec<i16>,
+    scales: Vec<f32>,
+    width: usize,
+    blocks: usize,
+}
+
+impl QuantizedRows {
+    fn row(&self, r: usize) -> &[i16] {
+        &self.q[r * self.width..(r + 1) * self.width]
+    }
+
+    fn scales(&self, r: usize) -> &[f32] {
+        &self.scales[r * self.blocks..(r + 1) * self.blocks]
+    }
+}
+
+/// `x: [rows, in]` quantized in blocks of [`BLOCK`] inputs ([`quantize_block`]), rows in
+/// parallel.
+fn quantize_rows(x: ArrayView2<f32>, groups: usize) -> QuantizedRows {
+    let (rows, width) = (x.nrows(), groups * GROUP);
+    let blocks = groups.div_ceil(BLOCK_GROUPS);
+    let mut q = vec![0i16; rows * width];
+    let mut scales = vec![0.0f32; rows * blocks];
+    let work = |(row, (q, scales)): (ArrayView1<f32>, (&mut [i16], &mut [f32]))| {
+        let row = row.as_standard_layout();
+        let row = row.as_slice().expect("standard layout");
+        for ((x, q), scale) in row.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(scales) {
+            *scale = quantize_block(x, &mut q[..x.len()]);
+        }
+    };
+    let pieces = x.rows().into_iter().zip(
+        q.chunks_mut(width.max(1))
+            .zip(scales.chunks_mut(blocks.max(1))),
+    );
+    if rows * width >= 1 << 16 {
+        pieces.collect::<Vec<_>>().into_par_iter().for_each(work);
+    } else {
+        pieces.for_each(work);
+    }
+    QuantizedRows {
+        q,
+        scales,
+        width,
+        blocks,
+    }
+}
+
+/// One block of a row as integers `d` with `x ≈ scale · d`; returns the scale.
+///
+/// The block's range `[min(x, 0), max(x, 0)]` is cut into 255 steps (u8 values with a zero
+/// point, kept as `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or
+/// ReLU's output) gets twice the resolution a symmetric ±127 grid gives it. A block with a
+/// non-finite value gets a NaN scale, so that its row's outputs are NaN, as in f32.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn quantize_block(x: &[f32], q: &mut [i16]) -> f32 {
+    let (lo, hi) = x
+        .iter()
+        .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if !(hi - lo).is_finite() || x.iter().any(|v| v.is_nan()) {
+        q.fill(0);
+        return f32::NAN;
+    }
+    if hi == lo {
+        q.fill(0);
+        return 0.0;
+    }
+    let inv = 255.0 / (hi - lo);
+    let zero = (-lo * inv).round_ties_even();
+    let (min, max) = (-zero, 255.0 - zero);
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even().clamp(min, max) as i16;
+    }
+    (hi - lo) / 255.0
+}
+
+/// `y = x · Wᵀ` dequantized, plus `bias`, for an int8 weight: `x: [rows, in]`, `y: [rows,
+/// out]` (any contents, overwritten).
+///
+/// # Panics
+/// If the shapes disagree or `in` exceeds [`MAX_INPUTS`] (the callers check both).
+pub(crate) fn int8_linear(
+    x: ArrayView2<f32>,
+    w: &Int8Weight,
+    bias: Option<ArrayView1<f32>>,
+    mut y: ArrayViewMut2<f32>,
+) {
+    assert_eq!(x.ncols(), w.inputs, "inputs agree");
+    assert_eq!(y.dim(), (x.nrows(), w.out), "output is [rows, out]");
+    assert!(w.inputs <= MAX_INPUTS, "at most {MAX_INPUTS} inputs");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), w.out, "bias is [out]");
+    }
+    if y.is_empty() {
+        return;
+    }
+    let groups = w.inputs.div_ceil(GROUP);
+    let xq = quantize_rows(x, groups);
+    let bias = bias.map(|b| b.to_vec());
+    let kernel = Kernel::detect();
+    let mut units = Vec::new();
+    for (chunk, y_rows) in y.axis_chunks_iter_mut(Axis(0), CHUNK_ROWS).enumerate() {
+        let mut rest = y_rows;
+        let mut strip0 = 0;
+        while rest.ncols() > 0 {
+            let width = (UNIT_STRIPS * STRIP).min(rest.ncols());
+            let (block, tail) = rest.split_at(Axis(1), width);
+            units.push((chunk * CHUNK_ROWS, strip0, block));
+            strip0 += UNIT_STRIPS;
+            rest = tail;
+        }
+    }
+    let run = |(row0, strip0, mut y_block): (usize, usize, ArrayViewMut2<f32>)| {
+        let strips = y_block.ncols().div_ceil(STRIP);
+        for s in 0..strips {
+            let strip = strip0 + s;
+            let cols = (y_block.ncols() - s * STRIP).min(STRIP);
+            let weights = &w.packed[strip * groups * STRIP * GROUP..][..groups * STRIP * GROUP];
+            let col0 = strip * STRIP;
+            let scales = &w.scales[col0..col0 + cols];
+            let bias = bias.as_ref().map(|b| &b[col0..col0 + cols]);
+            let mut r = 0;
+            while r < y_block.nrows() {
+                let tile = (y_block.nrows() - r).min(TILE_ROWS);
+                let row = |i: usize| row0 + r + i.min(tile - 1);
+                let rows: [&[i16]; TILE_ROWS] = std::array::from_fn(|i| xq.row(row(i)));
+                let row_scales: [&[f32]; TILE_ROWS] = std::array::from_fn(|i| xq.scales(row(i)));
+                let sums = kernel.tile(rows, row_scales, weights, groups);
+                for (i, sums) in sums.iter().enumerate().take(tile) {
+                    let out = y_block.slice_mut(ndarray::s![r + i, s * STRIP..s * STRIP + cols]);
+                    with_slice(out, |out| dequantize(&sums[..cols], scales, bias, out));
+                }
+                r += tile;
+            }
+        }
+    };
+    if units.len() > 1 && x.nrows() * w.inputs * w.out >= 1 << 18 {
+        units.into_par_iter().for_each(run);
+    } else {
+        units.into_iter().for_each(run);
+    }
+}
+
+/// `out[c] = sums[c] · sw[c] + b[c]`: the last f32 roundings, the same on every path.
+#[inline(always)]
+fn dequantize(sums: &[f32], sw: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    match bias {
+        Some(b) => {
+            for (((o, &s), &w), &b) in out.iter_mut().zip(sums).zip(sw).zip(b) {
+                *o = s * w + b;
+            }
+        }
+        None => {
+            for ((o, &s), &w) in out.iter_mut().zip(sums).zip(sw) {
+                *o = s * w;
+            }
+        }
+    }
+}
+
+/// The register-tile kernels this CPU can run.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// AVX2: i16 pairs multiplied and added into i32 (`vpmaddwd`).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Plain loops (the scalar reference).
+    Plain,
+}
+
+/// The sums of one register tile: `Σ_b S_b · sx_b` for 4 rows × 8 columns, `S_b` a block's
+/// exact integer sum and `sx_b` the row's scale for that block, added block by block in order.
+type TileSums = [[f32; STRIP]; TILE_ROWS];
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            return Kernel::Avx2;
+        }
+        Kernel::Plain
+    }
+
+    /// The sums of 4 rows × one strip of 8 columns over all `groups` groups of inputs.
+    fn tile(
+        self,
+        rows: [&[i16]; TILE_ROWS],
+        scales: [&[f32]; TILE_ROWS],
+        strip: &[i8],
+        groups: usize,
+    ) -> TileSums {
+        assert!(strip.len() >= groups * STRIP * GROUP);
+        assert!(rows.iter().all(|r| r.len() >= groups * GROUP));
+        assert!(scales
+            .iter()
+            .all(|s| s.len() >= groups.div_ceil(BLOCK_GROUPS)));
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is present (checked by `detect`) and the lengths are checked above.
+            Kernel::Avx2 => unsafe { tile_avx2(rows, scales, strip, groups) },
+            Kernel::Plain => tile_plain(rows, scales, strip, groups),
+        }
+    }
+}
+
+/// The reference: each block's sum in plain integer arithmetic, then scaled and added.
+fn tile_plain(
+    rows: [&[i16]; TILE_ROWS],
+    scales: [&[f32]; TILE_ROWS],
+    strip: &[i8],
+    groups: usize,
+) -> TileSums {
+    let mut sums = [[0.0f32; STRIP]; TILE_ROWS];
+    for (b, start) in (0..groups).step_by(BLOCK_GROUPS).enumerate() {
+        for r in 0..TILE_ROWS {
+            for (c, sum) in sums[r].iter_mut().enumerate() {
+                let mut block = 0i32;
+                for g in start..(start + BLOCK_GROUPS).min(groups) {
+                    let w = &strip[(g * STRIP + c) * GROUP..][..GROUP];
+                    let x = &rows[r][g * GROUP..][..GROUP];
+                    block += (0..GROUP)
+                        .map(|j| i32::from(x[j]) * i32::from(w[j]))
+                        .sum::<i32>();
+                }
+                *sum += block as f32 * scales[r][b];
+            }
+        }
+    }
+    sums
+}
+
+/// [`tile_plain`] on AVX2: per group, the strip's 32 weights widened to i16 in two registers
+/// (columns 0–3 and 4–7, four inputs each), each row's four inputs broadcast, and
+/// `vpmaddwd` adding pairs of products into i32 lanes; at the end of a block the two lanes of
+/// each column are added (exact), converted, scaled and added to the f32 sums.
+///
+/// # Safety
+/// The CPU must have AVX2; each row must hold at least `groups · 4` values, each scale row
+/// `groups / 8` (rounded up) and `strip` `groups · 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(
+    rows: [&[i16]; TILE_ROWS],
+    scales: [&[f32]; TILE_ROWS],
+    strip: &[i8],
+    groups: usize,
+) -> TileSums {
+    use std::arch::x86_64::*;
+    let mut sums = [_mm256_setzero_ps(); TILE_ROWS];
+    let w = strip.as_ptr();
+    for (b, start) in (0..groups).step_by(BLOCK_GROUPS).enumerate() {
+        let mut acc = [[_mm256_setzero_si256(); 2]; TILE_ROWS];
+        for g in start..(start + BLOCK_GROUPS).min(groups) {
+            // SAFETY: group `g` of the strip is 32 bytes from `w + 32 g`, within `strip`.
+            let (w0, w1) = unsafe {
+                let p = w.add(g * STRIP * GROUP);
+                (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16).cast())),
+                )
+            };
+            for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                // SAFETY: the row's group `g` is four i16s from `row + 4 g`, within the row.
+                let x = unsafe { row.as_ptr().add(g * GROUP).cast::<i64>().read_unaligned() };
+                let x = _mm256_set1_epi64x(x);
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, w0));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, w1));
+            }
+        }
+        for r in 0..TILE_ROWS {
+            // Lanes (2c, 2c + 1) of acc[h] hold column 4h + c; `hadd` pairs them, in the
+            // order 0 1 4 5 | 2 3 6 7, which the permutation puts back.
+            let block =
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[r][0], acc[r][1]));
+            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(block), _mm256_set1_ps(scales[r][b]));
+            sums[r] = _mm256_add_ps(sums[r], scaled);
+        }
+    }
+    let mut out = [[0.0f32; STRIP]; TILE_ROWS];
+    for (sums, out) in sums.iter().zip(out.iter_mut()) {
+        // SAFETY: `out` is 8 f32s.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sums) };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array1;
+
+    /// A `[rows, cols]` matrix of varied values with a few large ones.
+    fn values(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            let v = ((i * 131 + j * 71 + seed * 17) % 97) as f32 / 48.0 - 1.0;
+            if (i + j + seed) % 23 == 0 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+    }
+
+    /// The product by definition, from the unpacked int8 values.
+    fn reference(x: ArrayView2<f32>, w: &Int8Weight, bias: Option<&[f32]>) -> Array2<f32> {
+        let q = w.values();
+        let xq = quantize_rows(x, w.inputs.div_ceil(GROUP));
+        let mut y = Array2::zeros((x.nrows(), w.out));
+        for r in 0..x.nrows() {
+            let sums: Vec<f32> = (0..w.out)
+                .map(|o| {
+                    let mut sum = 0.0f32;
+                    for (b, start) in (0..w.inputs).step_by(BLOCK).enumerate() {
+                        let block: i32 = (start..(start + BLOCK).min(w.inputs))
+                            .map(|i| i32::from(xq.row(r)[i]) * i32::from(q[[o, i]]))
+                            .sum();
+                        sum += block as f32 * xq.scales(r)[b];
+                    }
+                    sum
+                })
+                .collect();
+            let mut out = vec![0.0; w.out];
+            dequantize(&sums, w.scales(), bias, &mut out);
+            y.row_mut(r).assign(&Array1::from(out));
+        }
+        y
+    }
+
+    #[test]
+    fn every_path_equals_the_reference_bit_for_bit_on_edge_shapes() {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 7, 9),
+            (3, 5, 17),
+            (4, 64, 8),
+            (5, 33, 130),
+            (70, 67, 129),
+            (9, 512, 24),
+            (130, 40, 300),
+        ] {
+            let x = values(m, k, 1);
+            let w = Int8Weight::quantize(values(n, k, 2).view()).unwrap();
+            let bias: Vec<f32> = (0..n).map(|o| o as f32 * 0.01 - 0.3).collect();
+            for b in [None, Some(&bias[..])] {
+                let expected = reference(x.view(), &w, b);
+                let mut y = Array2::from_elem((m, n), f32::NAN);
+                int8_linear(x.view(), &w, b.map(ArrayView1::from), y.view_mut());
+                assert_eq!(y, expected, "{m} × {k} × {n}, bias {}", b.is_some());
+                let groups = k.div_ceil(GROUP);
+                let xq = quantize_rows(x.view(), groups);
+                let rows: [&[i16]; 4] = std::array::from_fn(|i| xq.row(i.min(m - 1)));
+                let scales: [&[f32]; 4] = std::array::from_fn(|i| xq.scales(i.min(m - 1)));
+                let strip = &w.packed[..groups * STRIP * GROUP];
+                assert_eq!(
+                    Kernel::detect().tile(rows, scales, strip, groups),
+                    tile_plain(rows, scales, strip, groups),
+                    "tile of {m} × {k} × {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        // All inputs and weights at ±127: the largest sums a product can have.
+        let k = 1000;
+        let x = Array2::from_shape_fn((3, k), |(i, j)| if (i + j) % 2 == 0 { 1.0 } else { -1.0 });
+        let w = Array2::from_shape_fn((9, k), |(o, j)| if (o + j) % 2 == 0 { 2.0 } else { -2.0 });
+        let w = Int8Weight::quantize(w.view()).unwrap();
+        let mut y = Array2::zeros((3, 9));
+        int8_linear(x.view(), &w, None, y.view_mut());
+        assert_eq!(y, reference(x.view(), &w, None));
+        // Same signs give +k·2, opposite −k·2, exactly (127 · 127 · k fits in an i32).
+        for ((r, o), &v) in y.indexed_iter() {
+            let want = if (r + o) % 2 == 0 {
+                2.0 * k as f32
+            } else {
+                -2.0 * k as f32
+            };
+            assert!((v - want).abs() <= want.abs() * 1e-6, "{v} against {want}");
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step_per_value() {
+        let w = values(37, 91, 3);
+        let q = Int8Weight::quantize(w.view()).unwrap();
+        let back = q.dequantize();
+        for (o, (row, back)) in w.rows().into_iter().zip(back.rows()).enumerate() {
+            let step = q.scales()[o];
+            let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(step, max / 127.0);
+            for (&v, &b) in row.iter().zip(back) {
+                assert!(
+                    (v - b).abs() <= 0.5 * step * (1.0 + 1e-5),
+                    "row {o}: {v} → {b}"
+                );
+            }
+        }
+        assert_eq!(Int8Weight::from_parts(q.values().view(), q.scales()), q);
+        // A zero row has scale 0 and gives zeros; a NaN refuses to quantize.
+        let zero = Int8Weight::quantize(Array2::zeros((2, 5)).view()).unwrap();
+        assert_eq!(zero.scales(), &[0.0, 0.0]);
+        let mut bad = w.clone();
+        bad[[3, 4]] = f32::NAN;
+        assert!(Int8Weight::quantize(bad.view()).is_none());
+    }
+
+    #[test]
+    fn products_stay_close_to_the_f32_ones_and_nan_inputs_give_nan() {
+        let (x, w) = (values(6, 256, 4), values(40, 256, 5));
+        let q = Int8Weight::quantize(w.view()).unwrap();
+        let mut y = Array2::zeros((6, 40));
+        int8_linear(x.view(), &q, None, y.view_mut());
+        let exact = x.dot(&w.t());
+        // Each term is off by at most half a step of each operand: a bound per output.
+        for ((r, o), &v) in y.indexed_iter() {
+            let (sx, sw) = (
+                x.row(r).iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0,
+                q.scales()[o],
+            );
+            let bound: f32 = (0..256)
+                .map(|i| 0.5 * sx * w[[o, i]].abs() + 0.5 * sw * x[[r, i]].abs() + 0.25 * sx * sw)
+                .sum();
+            assert!((v - exact[[r, o]]).abs() <= bound * 1.01, "[{r}, {o}]");
+        }
+        let mut nan = x.clone();
+        nan[[2, 7]] = f32::NAN;
+        int8_linear(nan.view(), &q, None, y.view_mut());
+        assert!(y.row(2).iter().all(|v| v.is_nan()));
+        assert!(y.row(1).iter().all(|v| v.is_finite()));
+    }
+}

@@ -1,0 +1,42 @@
+//! The number formats a model's linear layers can keep their weights in.
+
+use std::fmt;
+
+/// How the weights of a model's linear layers are stored and multiplied.
+///
+/// [`F32`](Precision::F32) is the default and matches PyTorch to float32 rounding.
+/// [`Int8`](Precision::Int8) is opt-in: each weight row is stored as int8 values with one f32
+/// scale, `W[o, :] ≈ s[o] · q[o, :]` with `s[o] = max|W[o, :]| / 127`. Each input row (each
+/// token) is quantized the same way when a layer runs, the products are summed exactly in i32
+/// and scaled back by both scales. The weights take a quarter of the memory and are read four
+/// times faster. Embedding tables, LayerNorm, softmax, residuals and the KV cache stay f32. A
+/// tied output projection gets its own int8 copy of the table.
+///
+/// ```
+/// # use rand::{rngs::StdRng, SeedableRng};
+/// use ndtransformer::{Precision, Transformer, TransformerConfig};
+/// let config = TransformerConfig { d_model: 32, num_heads: 4, d_ff: 64, num_encoder_layers: 1,
+///     num_decoder_layers: 1, ..TransformerConfig::base(50, 50) };
+/// let mut model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
+/// model.quantize(Precision::Int8)?;
+/// assert_eq!(model.precision(), Precision::Int8);
+/// # Ok::<(), ndtransformer::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Precision {
+    /// 32-bit floats: PyTorch's numbers.
+    #[default]
+    F32,
+    /// int8 weights with one scale per output row; int8 activations with one scale per row.
+    Int8,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        })
+    }
+}

@@ -1,0 +1,218 @@
+//! Int8 models on real weights: the trained dates model keeps its held-out accuracy,
+//! all-MiniLM-L6-v2 keeps its embeddings and their similarity ranking, quantized weights take
+//! a fraction of the memory, and the conversion's errors name what is wrong.
+//!
+//! `cargo test --test int8 -- --nocapture` prints the figures.
+
+mod common;
+// Shared with the examples; this file uses part of it.
+#[allow(dead_code)]
+#[path = "../examples/dates/mod.rs"]
+mod dates;
+#[path = "../examples/minilm/mod.rs"]
+mod minilm;
+
+use std::time::Instant;
+
+use common::{fixtures_dir, TensorFile};
+use ndarray::{Array2, Array3, ArrayView2};
+use ndtransformer::{LoadOptions, Precision, SentenceEncoder, Transformer, TransformerConfig};
+use rand::{rngs::StdRng, SeedableRng};
+
+#[test]
+fn the_dates_model_stays_at_least_99_5_percent_exact_on_5000_held_out_dates_in_int8() {
+    let mut m = dates::DatesModel::load(&dates::default_assets_dir()).unwrap();
+    let f32_bytes = m.model.parameter_bytes();
+    m.model.quantize(Precision::Int8).unwrap();
+    assert_eq!(m.model.precision(), Precision::Int8);
+    let examples = dates::held_out_sample(5000, 2017);
+    let start = Instant::now();
+    let mut eval = dates::Evaluation::default();
+    for chunk in examples.chunks(500) {
+        let sources: Vec<&str> = chunk.iter().map(|e| e.source.as_str()).collect();
+        eval.record(chunk, &m.translate(&sources).unwrap());
+    }
+    println!(
+        "dates model, int8: {}/{} = {:.2} % exact in {:.2?}; weights {} of {} bytes in f32; \
+         misses {:?}",
+        eval.correct,
+        eval.total,
+        100.0 * eval.accuracy(),
+        start.elapsed(),
+        m.model.parameter_bytes(),
+        f32_bytes,
+        eval.failures
+    );
+    assert!(eval.accuracy() >= 0.995, "{:?}", eval.failures);
+}
+
+/// Cosine similarity of two unit-length or arbitrary rows.
+fn cosine(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32 {
+    a.dot(&b) / (a.dot(&a).sqrt() * b.dot(&b).sqrt())
+}
+
+/// For each row, the other rows ordered from most to least similar (the query, the last
+/// row, ranks only the sentences).
+fn rankings(e: ArrayView2<f32>) -> Vec<Vec<usize>> {
+    let sim = e.dot(&e.t());
+    (0..e.nrows())
+        .map(|i| {
+            let last = e.nrows() - 1;
+            let mut others: Vec<usize> = (0..last).filter(|&j| j != i).collect();
+            others.sort_by(|&a, &b| sim[[i, b]].total_cmp(&sim[[i, a]]));
+            others
+        })
+        .collect()
+}
+
+#[test]
+fn minilm_int8_embeddings_keep_cosine_0_995_and_the_similarity_ranking() {
+    let dir = minilm::model_dir().unwrap_or_else(|e| panic!("{e}"));
+    let f32_model = SentenceEncoder::load(&dir).unwrap();
+    let mut int8_model = SentenceEncoder::load(&dir).unwrap();
+    int8_model.quantize(Precision::Int8).unwrap();
+    assert_eq!(int8_model.model().precision(), Precision::Int8);
+
+    // The fixture's 21 sentences, tokenised by Python.
+    let r = TensorFile::read(&fixtures_dir().join("minilm/reference.safetensors"));
+    let (ids, mask, types) = (
+        r.ids("input_ids"),
+        r.ids("attention_mask"),
+        r.ids("token_type_ids"),
+    );
+    let exact = f32_model
+        .embed(ids.view(), mask.view(), Some(types.view()))
+        .unwrap();
+    let int8 = int8_model
+        .embed(ids.view(), mask.view(), Some(types.view()))
+        .unwrap();
+    let worst = exact
+        .rows()
+        .into_iter()
+        .zip(int8.rows())
+        .map(|(a, b)| cosine(a, b))
+        .fold(1.0f32, f32::min);
+    println!(
+        "all-MiniLM-L6-v2 int8: lowest cosine with f32 over {} sentences {worst:.5}; weights {} \
+         of {} bytes",
+        exact.nrows(),
+        int8_model.model().parameter_bytes(),
+        f32_model.model().parameter_bytes()
+    );
+    assert!(worst >= 0.995, "lowest cosine {worst}");
+
+    // The embed example's sentences and query: the query's ranking of the sentences and each
+    // sentence's nearest neighbour are those of f32.
+    let tokenizer = minilm::tokenizer(&dir, 256).unwrap();
+    let mut texts = minilm::DEMO.to_vec();
+    texts.push(minilm::DEMO_QUERY);
+    let batch = minilm::tokenize(&tokenizer, &texts).unwrap();
+    let embed = |m: &SentenceEncoder| -> Array2<f32> {
+        m.embed(
+            batch.ids.view(),
+            batch.attention_mask.view(),
+            Some(batch.token_types.view()),
+        )
+        .unwrap()
+    };
+    let (exact, int8) = (
+        rankings(embed(&f32_model).view()),
+        rankings(embed(&int8_model).view()),
+    );
+    let query = texts.len() - 1;
+    assert_eq!(int8[query], exact[query], "the query's ranking");
+    for i in 0..query {
+        assert_eq!(
+            int8[i][0], exact[i][0],
+            "nearest neighbour of {:?}",
+            texts[i]
+        );
+    }
+}
+
+/// The base model's widths, with one layer a stack and a vocabulary of 8000.
+fn base_widths() -> Transformer {
+    let config = TransformerConfig {
+        num_encoder_layers: 1,
+        num_decoder_layers: 1,
+        ..TransformerConfig::base(8000, 8000)
+    };
+    Transformer::new(config, &mut StdRng::seed_from_u64(0)).unwrap()
+}
+
+#[test]
+fn int8_linear_layers_take_a_quarter_of_their_f32_bytes_and_convert_back_exactly() {
+    let mut model = base_widths();
+    let f32_bytes = model.parameter_bytes();
+    model.quantize(Precision::Int8).unwrap();
+    let int8_bytes = model.parameter_bytes();
+    println!(
+        "base widths, 1 + 1 layers: {f32_bytes} bytes in f32, {int8_bytes} in int8 ({:.1} %)",
+        100.0 * int8_bytes as f64 / f32_bytes as f64
+    );
+    // The embedding tables stay f32; every linear layer, the output projection included,
+    // takes a byte a weight plus a scale a row.
+    let tables = 2 * 4 * 8000 * 512;
+    let linear = f32_bytes - tables;
+    assert!(
+        int8_bytes - tables <= linear / 4 + linear / 50,
+        "{int8_bytes}"
+    );
+    // Converting back gives the int8 values' f32 weights; converting again gives the same int8.
+    let once = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, v)| (n, v.into_owned()));
+    let once: Vec<_> = once.collect();
+    model.quantize(Precision::F32).unwrap();
+    assert_eq!(model.precision(), Precision::F32);
+    assert_eq!(model.parameter_bytes(), f32_bytes);
+    let back: Vec<_> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, v)| (n, v.into_owned()))
+        .collect();
+    assert_eq!(back, once);
+    model.quantize(Precision::Int8).unwrap();
+    let again: Vec<_> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, v)| (n, v.into_owned()))
+        .collect();
+    assert_eq!(again, once);
+}
+
+#[test]
+fn an_int8_forward_stays_close_to_f32_on_a_fixture_model_at_any_thread_count() {
+    let fixture = common::Fixture::load("tiny_postln_relu");
+    let exact = fixture.model();
+    let int8 = Transformer::from_safetensors(
+        fixture.config(),
+        &fixture.bytes,
+        &LoadOptions {
+            precision: Precision::Int8,
+            ..LoadOptions::with_prefix("weights.")
+        },
+    )
+    .unwrap();
+    assert_eq!(int8.precision(), Precision::Int8);
+    let (src, tgt) = (fixture.ids("io.src_ids"), fixture.ids("io.tgt_ids"));
+    let a: Array3<f32> = exact.forward(src.view(), tgt.view(), None, None).unwrap();
+    let b = int8.forward(src.view(), tgt.view(), None, None).unwrap();
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    println!("tiny fixture model: int8 logits within {err:e} of f32 (largest |logit| {scale})");
+    assert!(
+        err <= 0.05 * scale,
+        "int8 error {err} against logits up to {scale}"
+    );
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let c = one.install(|| int8.forward(src.view(), tgt.view(), None, None).unwrap());
+    assert_eq!(b, c);
+}
