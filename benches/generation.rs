@@ -4,7 +4,9 @@
 //! Reports the time of one decoding step (all 8 rows) at steps 1, 32 and 64, and the whole
 //! 64-token cached greedy generation (encoder included).
 //!
-//! `generation_int8` repeats the cached step and the whole generation with int8 linear layers.
+//! `greedy_generation/beam_4_64_tokens_with_encoder` runs §6.1's beam search (4 beams) to 64
+//! tokens. `generation_int8` repeats the cached step and both generations with int8 linear
+//! layers.
 //!
 //! The `memory/read_1GiB` bench measures the read bandwidth that bounds a cached step, which
 //! streams the decoder's weights and the output projection once.
@@ -13,7 +15,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{s, Array2};
-use ndtransformer::{GreedyOptions, Precision, Transformer, TransformerConfig};
+use ndtransformer::{
+    BeamSearchOptions, GreedyOptions, MaxLength, Precision, Transformer, TransformerConfig,
+};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 use std::hint::black_box;
 
@@ -73,8 +77,16 @@ fn bench_generation(c: &mut Criterion) {
         eos_id: None,
         max_len: STEPS,
     };
+    // Beam search to 64 tokens; the end token is one a random model rarely ranks first.
+    let beam = BeamSearchOptions {
+        max_len: MaxLength::Fixed(STEPS),
+        ..BeamSearchOptions::paper(1, VOCAB as u32 - 1)
+    };
     group.bench_function("cached_64_tokens_with_encoder", |b| {
         b.iter(|| black_box(model.greedy_decode(src.view(), None, &options).unwrap()))
+    });
+    group.bench_function("beam_4_64_tokens_with_encoder", |b| {
+        b.iter(|| black_box(model.beam_search(src.view(), None, &beam).unwrap()))
     });
     group.finish();
 
@@ -98,6 +110,9 @@ fn bench_generation(c: &mut Criterion) {
     });
     group.bench_function("cached_64_tokens_with_encoder", |b| {
         b.iter(|| black_box(int8.greedy_decode(src.view(), None, &options).unwrap()))
+    });
+    group.bench_function("beam_4_64_tokens_with_encoder", |b| {
+        b.iter(|| black_box(int8.beam_search(src.view(), None, &beam).unwrap()))
     });
     group.finish();
 }

@@ -25,7 +25,11 @@ its machine with it.
 Usage::
 
     python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation] [--skip-embed]
-                                   [--rounds 1]
+                                   [--rounds 1] [--ctranslate2]
+
+With ``--ctranslate2`` a second table follows: the crate in f32 and in int8 against
+CTranslate2 in float32 and int8 (``tools/bench_ctranslate2.py``: the same architecture as a
+Hugging Face ``MarianMTModel`` with random weights, converted by CTranslate2's converter).
 
 With ``--rounds N`` the forward workloads run N times on each side, alternating (the crate's
 benches, then PyTorch's script, and again): the table gives the medians over the rounds and a
@@ -162,6 +166,11 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true", help="no generation workloads")
     parser.add_argument("--skip-embed", action="store_true", help="no sentence-embedding workloads")
     parser.add_argument(
+        "--ctranslate2",
+        action="store_true",
+        help="also the int8 workloads against CTranslate2 (tools/bench_ctranslate2.py)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -244,7 +253,45 @@ def main() -> None:
         cells = [label, f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}×"]
         cells += [f"{gflops:.0f}" if gflops else "–", f"{pct:.0f}%" if pct else "–"]
         lines.append(cells)
-    if args.markdown:
+    print_table(header, lines, args.markdown)
+    for note in notes:
+        print(note)
+    if args.ctranslate2:
+        ctranslate2_table(args.threads, args.markdown)
+
+
+def ctranslate2_table(threads: int, markdown: bool) -> None:
+    """The crate in f32 and int8 against CTranslate2 in float32 and int8
+    (`tools/bench_ctranslate2.py`), on the workloads both run."""
+    cargo_bench("forward", ["model/encoder_", "model_int8/"], threads)
+    cargo_bench("generation", ["greedy_generation/", "generation_int8/"], threads)
+    ct2 = torch_json("bench_ctranslate2.py", threads)
+    workloads = [
+        ("encoder, batch 8 × 128 (CTranslate2: + one step)", ("model", "encoder_8x128"),
+         ("model_int8", "encoder_8x128"), "encoder"),
+        ("encoder latency, 1 × 32 (CTranslate2: + one step)", ("model", "encoder_1x32"),
+         ("model_int8", "encoder_1x32"), "encoder_1x32"),
+        ("greedy, 8 × 128 → 64 tokens", ("greedy_generation", "cached_64_tokens_with_encoder"),
+         ("generation_int8", "cached_64_tokens_with_encoder"), "greedy"),
+        ("beam 4, 8 × 128 → 64 tokens", ("greedy_generation", "beam_4_64_tokens_with_encoder"),
+         ("generation_int8", "beam_4_64_tokens_with_encoder"), "beam4"),
+    ]
+    header = ["workload", "ours f32 ms", "ours int8 ms", "CT2 f32 ms", "CT2 int8 ms",
+              "int8 vs CT2 int8"]
+    lines = []
+    for label, f32_bench, int8_bench, key in workloads:
+        ours_f32 = criterion_result(*f32_bench)[0]
+        ours_int8 = criterion_result(*int8_bench)[0]
+        theirs_f32, theirs_int8 = ct2["float32"][key], ct2["int8"][key]
+        lines.append([label, f"{ours_f32:.1f}", f"{ours_int8:.1f}", f"{theirs_f32:.1f}",
+                      f"{theirs_int8:.1f}", f"{theirs_int8 / ours_int8:.2f}×"])
+    print()
+    print_table(header, lines, markdown)
+
+
+def print_table(header: list[str], lines: list[list[str]], markdown: bool) -> None:
+    """Rows of cells under `header`, as Markdown or as aligned text."""
+    if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for cells in lines:
@@ -253,8 +300,6 @@ def main() -> None:
         widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
         for cells in [header, *lines]:
             print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
-    for note in notes:
-        print(note)
 
 
 if __name__ == "__main__":
