@@ -146,7 +146,7 @@ impl EncoderModel {
         options: &LoadOptions,
     ) -> Result<Self> {
         let mut r = Reader::new(bytes, &naming::BERT, options)?;
-        let model = EncoderModel::from_scope(&mut Scope::root(&mut r), config)?;
+        let mut model = EncoderModel::from_scope(&mut Scope::root(&mut r), config)?;
         let unused: Vec<String> = r
             .unused()
             .into_iter()
@@ -159,7 +159,6 @@ impl EncoderModel {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        let mut model = model;
         model.quantize(options.precision)?;
         Ok(model)
     }

@@ -15,7 +15,7 @@ use crate::encoder::{Encoder, EncoderLayer, EncoderTrace};
 use crate::error::{Error, Result};
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
-use crate::linear::{check_int8_widths, Linears};
+use crate::linear::{quantize_linears, Linears};
 use crate::mask::{KeyPaddingMask, Mask};
 use crate::naming;
 use crate::parameters::{self, visit_child, Parameters, Scope, Visitor};
@@ -175,8 +175,7 @@ impl EncoderModel {
             return Ok(());
         }
         self.check_finite()?;
-        check_int8_widths(self, precision)?;
-        self.encoder.linears_mut(&mut |l| l.quantize(precision))
+        quantize_linears(self, precision)
     }
 
     /// The precision of the linear layers.

@@ -7,7 +7,7 @@ use ndarray::{
 use rand::Rng;
 
 use crate::error::{Error, Result};
-use crate::parameters::{Parameters, Scope, Tensor, Visitor};
+use crate::parameters::{first_non_finite, Parameters, Scope, Tensor, Visitor};
 use crate::precision::Precision;
 use crate::{huge_pages, init, ops};
 
@@ -149,17 +149,8 @@ impl Linear {
             (Precision::Int8, Stored::Panels(_) | Stored::Rows(_)) => {
                 let q = {
                     let w = self.weight_view();
-                    ops::Int8Weight::quantize(w.view()).ok_or_else(|| {
-                        let (at, &value) = w
-                            .indexed_iter()
-                            .find(|(_, v)| !v.is_finite())
-                            .expect("a non-finite value");
-                        Error::NonFinite {
-                            name: "weight".into(),
-                            index: vec![at.0, at.1],
-                            value,
-                        }
-                    })?
+                    first_non_finite("weight", w.view().into_dyn())?;
+                    ops::Int8Weight::quantize(w.view()).expect("finite, checked above")
                 };
                 let tied = match &self.weight {
                     Stored::Rows(table) => Some(table.clone()),
@@ -271,6 +262,14 @@ impl Linear {
     pub(crate) fn forward_2d_into(&self, x: ArrayView2<f32>, y: ArrayViewMut2<f32>) {
         ops::linear_into(x, self.kernel_weight(), self.bias(), ops::Epilogue::Bias, y)
     }
+}
+
+/// Converts every linear layer of `model` to `precision`, after checking that all of them can
+/// take it (so that an error leaves the model unchanged). The callers check that the weights
+/// are finite first, with the error naming the tensor in the model's own names.
+pub(crate) fn quantize_linears(model: &mut dyn Linears, precision: Precision) -> Result<()> {
+    check_int8_widths(model, precision)?;
+    model.linears_mut(&mut |l| l.quantize(precision))
 }
 
 /// Checks, before anything is converted, that every linear layer of `model` can take

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::huge_pages;
 use crate::input_embedding::InputEmbedding;
 use crate::layer_norm::LayerNorm;
-use crate::linear::{check_int8_widths, Linear, Linears};
+use crate::linear::{quantize_linears, Linear, Linears};
 use crate::mask::{KeyPaddingMask, Mask};
 use crate::naming;
 use crate::ops;
@@ -293,8 +293,7 @@ impl Transformer {
             return Ok(());
         }
         self.check_finite()?;
-        check_int8_widths(self, precision)?;
-        self.linears_mut(&mut |l| l.quantize(precision))?;
+        quantize_linears(self, precision)?;
         self.fingerprint = self.compute_fingerprint();
         Ok(())
     }

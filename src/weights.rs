@@ -343,11 +343,11 @@ impl Transformer {
     ) -> Result<(Self, LoadReport)> {
         let mut r = Reader::new(bytes, &naming::PYTORCH, options)?;
         let mut model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
-        model.quantize(options.precision)?;
         let unused = r.unused();
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
+        model.quantize(options.precision)?;
         let report = LoadReport {
             unexpected: unused,
             converted: r.converted,

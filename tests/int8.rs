@@ -159,26 +159,20 @@ fn int8_linear_layers_take_a_quarter_of_their_f32_bytes_and_convert_back_exactly
         "{int8_bytes}"
     );
     // Converting back gives the int8 values' f32 weights; converting again gives the same int8.
-    let once = model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.into_owned()));
-    let once: Vec<_> = once.collect();
+    let owned = |m: &Transformer| -> Vec<(String, ndarray::ArrayD<f32>)> {
+        m.named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.into_owned()))
+            .collect()
+    };
+    let once = owned(&model);
     model.quantize(Precision::F32).unwrap();
     assert_eq!(model.precision(), Precision::F32);
     assert_eq!(model.parameter_bytes(), f32_bytes);
-    let back: Vec<_> = model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.into_owned()))
-        .collect();
+    let back = owned(&model);
     assert_eq!(back, once);
     model.quantize(Precision::Int8).unwrap();
-    let again: Vec<_> = model
-        .named_parameters()
-        .into_iter()
-        .map(|(n, v)| (n, v.into_owned()))
-        .collect();
+    let again = owned(&model);
     assert_eq!(again, once);
 }
 

@@ -299,7 +299,7 @@ pub(crate) fn int8_linear(
     }
     let groups = w.inputs.div_ceil(GROUP);
     let xq = quantize_rows(x, groups);
-    let bias = bias.map(|b| b.to_vec());
+    let bias = bias.as_ref().map(|b| b.as_standard_layout());
     let kernel = Kernel::detect();
     let mut units = Vec::new();
     for (chunk, y_rows) in y.axis_chunks_iter_mut(Axis(0), CHUNK_ROWS).enumerate() {
@@ -321,7 +321,9 @@ pub(crate) fn int8_linear(
             let weights = &w.packed[strip * groups * STRIP * GROUP..][..groups * STRIP * GROUP];
             let col0 = strip * STRIP;
             let scales = &w.scales[col0..col0 + cols];
-            let bias = bias.as_ref().map(|b| &b[col0..col0 + cols]);
+            let bias = bias
+                .as_ref()
+                .map(|b| &b.as_slice().expect("standard layout")[col0..col0 + cols]);
             let mut r = 0;
             while r < y_block.nrows() {
                 let tile = (y_block.nrows() - r).min(TILE_ROWS);
