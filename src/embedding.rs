@@ -3,12 +3,13 @@
 //! "In the embedding layers, we multiply those weights by √d_model." The scale keeps the
 //! embeddings on the same order as the positional encodings added next (§3.5).
 
-use ndarray::{ArcArray, Array2, Array3, ArrayView2, Axis, Ix2};
+use ndarray::{ArcArray, Array2, Array3, ArrayView2, Axis, CowArray, Ix2};
 use rand::Rng;
 
 use crate::error::{Error, Result};
-use crate::init;
-use crate::parameters::{Parameters, Scope, Tensor, Visitor};
+use crate::parameters::{first_non_finite, Parameters, Scope, Tensor, Visitor};
+use crate::precision::Precision;
+use crate::{init, ops};
 
 /// A lookup table from token ids to `d_model`-wide vectors, multiplied by √d_model.
 ///
@@ -25,7 +26,16 @@ use crate::parameters::{Parameters, Scope, Tensor, Visitor};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embedding {
     /// Shared (not copied) with an output projection tied to it.
-    weight: ArcArray<f32, Ix2>,
+    table: Table,
+}
+
+/// How an [`Embedding`] keeps its table.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Table {
+    /// `[vocab, d_model]` f32 values.
+    F32(ArcArray<f32, Ix2>),
+    /// int8 values with one scale per token's row ([`Precision::Int8`]).
+    Int8(ops::Int8Weight),
 }
 
 impl Embedding {
@@ -38,7 +48,7 @@ impl Embedding {
             });
         }
         Ok(Embedding {
-            weight: weight.into_shared(),
+            table: Table::F32(weight.into_shared()),
         })
     }
 
@@ -54,28 +64,70 @@ impl Embedding {
     /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn init<R: Rng + ?Sized>(vocab: usize, d_model: usize, rng: &mut R) -> Self {
         Embedding {
-            weight: init::xavier_uniform(vocab, d_model, d_model, vocab, rng).into_shared(),
+            table: Table::F32(
+                init::xavier_uniform(vocab, d_model, d_model, vocab, rng).into_shared(),
+            ),
         }
     }
 
     /// Vocabulary size.
     pub fn vocab(&self) -> usize {
-        self.weight.nrows()
+        match &self.table {
+            Table::F32(w) => w.nrows(),
+            Table::Int8(q) => q.out_features(),
+        }
     }
 
     /// Width of each vector.
     pub fn d_model(&self) -> usize {
-        self.weight.ncols()
+        match &self.table {
+            Table::F32(w) => w.ncols(),
+            Table::Int8(q) => q.in_features(),
+        }
     }
 
-    /// The table, `[vocab, d_model]`, unscaled.
-    pub fn weight(&self) -> ArrayView2<'_, f32> {
-        self.weight.view()
+    /// The table, `[vocab, d_model]`, unscaled: borrowed at f32, the int8 values times their
+    /// scales (a copy) at int8.
+    pub fn weight(&self) -> CowArray<'_, f32, Ix2> {
+        match &self.table {
+            Table::F32(w) => w.view().into(),
+            Table::Int8(q) => q.dequantize().into(),
+        }
+    }
+
+    /// The precision the table is stored in.
+    pub fn precision(&self) -> Precision {
+        match &self.table {
+            Table::F32(_) => Precision::F32,
+            Table::Int8(_) => Precision::Int8,
+        }
+    }
+
+    /// Converts the table to `precision` in place: to int8 with one scale per token's row
+    /// (chosen as for a linear layer's rows), or back to f32 as the int8 values times their
+    /// scales. Any other precision keeps the table f32 (only int8 tables exist).
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] (named `weight`) if the table holds NaN or ±∞; the table is
+    /// unchanged then.
+    pub fn quantize(&mut self, precision: Precision) -> Result<()> {
+        match (&self.table, precision) {
+            (Table::F32(w), Precision::Int8) => {
+                first_non_finite("weight", w.view().into_dyn())?;
+                let q = ops::Int8Weight::quantize(w.view()).expect("finite, checked above");
+                self.table = Table::Int8(q);
+            }
+            (Table::Int8(q), p) if p != Precision::Int8 => {
+                self.table = Table::F32(q.dequantize().into_shared());
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The table itself, shared: for a projection tied to it.
-    pub(crate) fn shared_weight(&self) -> ArcArray<f32, Ix2> {
-        self.weight.clone()
+    pub(crate) fn shared_table(&self) -> Table {
+        self.table.clone()
     }
 
     /// Looks up `ids` and multiplies by √d_model.
@@ -98,7 +150,15 @@ impl Embedding {
         let mut out = Array3::zeros((batch, seq, self.d_model()));
         for (mut out_row, id_row) in out.outer_iter_mut().zip(ids.outer_iter()) {
             for (mut v, &id) in out_row.axis_iter_mut(Axis(0)).zip(id_row.iter()) {
-                v.zip_mut_with(&self.weight.row(id as usize), |o, &w| *o = w * scale);
+                match &self.table {
+                    Table::F32(w) => v.zip_mut_with(&w.row(id as usize), |o, &w| *o = w * scale),
+                    Table::Int8(q) => {
+                        let v = v
+                            .as_slice_mut()
+                            .expect("a fresh array's rows are contiguous");
+                        q.dequantize_row_into(id as usize, scale, v);
+                    }
+                }
             }
         }
         out
@@ -107,7 +167,10 @@ impl Embedding {
 
 impl Parameters for Embedding {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
-        f("weight", Tensor::Plain(self.weight.view().into_dyn()));
+        match &self.table {
+            Table::F32(w) => f("weight", Tensor::Plain(w.view().into_dyn())),
+            Table::Int8(q) => f("weight", Tensor::Int8(q)),
+        }
     }
 }
 

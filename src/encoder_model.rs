@@ -165,8 +165,10 @@ impl EncoderModel {
         naming::BERT.check_finite(self)
     }
 
-    /// Converts every linear layer (attention projections, feed-forward layers) to
-    /// `precision`, in place, as [`Transformer::quantize`](crate::Transformer::quantize) does.
+    /// Converts every linear layer (attention projections, feed-forward layers) and the token
+    /// embedding table to `precision`, in place, as
+    /// [`Transformer::quantize`](crate::Transformer::quantize) does; the position and
+    /// token-type tables and the norms stay f32.
     ///
     /// # Errors
     /// As [`Transformer::quantize`](crate::Transformer::quantize); the model is unchanged then.
@@ -175,7 +177,8 @@ impl EncoderModel {
             return Ok(());
         }
         self.check_finite()?;
-        quantize_linears(self, precision)
+        quantize_linears(self, precision)?;
+        self.tokens.quantize(precision)
     }
 
     /// The precision of the linear layers.

@@ -6,6 +6,7 @@ use ndarray::{
 };
 use rand::Rng;
 
+use crate::embedding::Table;
 use crate::error::{Error, Result};
 use crate::parameters::{first_non_finite, Parameters, Scope, Tensor, Visitor};
 use crate::precision::Precision;
@@ -44,9 +45,10 @@ enum Stored {
     Panels(ArcArray<f32, Ix3>),
     /// `W` itself, `[out, in]`, shared with the embedding table it is tied to.
     Rows(ArcArray<f32, Ix2>),
-    /// `W` as int8 values with one scale per output row ([`Precision::Int8`]); with the f32
-    /// table it was made from when the layer is tied to one.
-    Int8(ops::Int8Weight, Option<ArcArray<f32, Ix2>>),
+    /// `W` as int8 values with one scale per output row ([`Precision::Int8`]).
+    Int8(ops::Int8Weight),
+    /// An int8 embedding table the layer is tied to, shared.
+    TiedInt8(ops::Int8Weight),
 }
 
 impl Linear {
@@ -95,13 +97,28 @@ impl Linear {
 
     /// A layer whose weight is `table`, `[out, in]`, shared and not copied: the output
     /// projection tied to the target embedding (§3.4).
-    pub(crate) fn tied(table: ArcArray<f32, Ix2>, bias: Option<Array1<f32>>) -> Self {
-        debug_assert!(bias.as_ref().is_none_or(|b| b.len() == table.nrows()));
+    pub(crate) fn tied(table: Table, bias: Option<Array1<f32>>) -> Self {
+        let (out_features, weight) = match table {
+            Table::F32(w) => (w.nrows(), Stored::Rows(w)),
+            Table::Int8(q) => (q.out_features(), Stored::TiedInt8(q)),
+        };
+        debug_assert!(bias.as_ref().is_none_or(|b| b.len() == out_features));
         Linear {
-            out_features: table.nrows(),
-            weight: Stored::Rows(table),
+            weight,
+            out_features,
             bias,
         }
+    }
+
+    /// Ties the layer to `table` again, after the table changed precision.
+    pub(crate) fn retie(&mut self, table: Table) {
+        let bias = self.bias.take();
+        *self = Self::tied(table, bias);
+    }
+
+    /// Whether the weight is an embedding table's, shared.
+    pub(crate) fn is_tied(&self) -> bool {
+        matches!(self.weight, Stored::Rows(_) | Stored::TiedInt8(_))
     }
 
     /// Reads `{weight, bias}` of an `[out, in]` layer from `scope`.
@@ -116,7 +133,7 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => p.shape()[1],
             Stored::Rows(w) => w.ncols(),
-            Stored::Int8(q, _) => q.in_features(),
+            Stored::Int8(q) | Stored::TiedInt8(q) => q.in_features(),
         }
     }
 
@@ -124,15 +141,16 @@ impl Linear {
     pub fn precision(&self) -> Precision {
         match &self.weight {
             Stored::Panels(_) | Stored::Rows(_) => Precision::F32,
-            Stored::Int8(..) => Precision::Int8,
+            Stored::Int8(_) | Stored::TiedInt8(_) => Precision::Int8,
         }
     }
 
     /// Converts the weight to `precision` in place (the bias stays f32).
     ///
     /// To [`Precision::Int8`]: one symmetric scale per output row. Back to
-    /// [`Precision::F32`]: the int8 values times their scales (what the int8 products use),
-    /// or the table itself for a projection tied to one.
+    /// [`Precision::F32`]: the int8 values times their scales (what the int8 products use).
+    /// A layer tied to an embedding table gets a weight of its own (models convert the table
+    /// and keep the tie).
     ///
     /// # Errors
     /// [`Error::NonFinite`] (named `weight`) if the weight holds NaN or ±∞; [`Error::Config`] if
@@ -140,11 +158,8 @@ impl Linear {
     pub fn quantize(&mut self, precision: Precision) -> Result<()> {
         check_int8_widths(self, precision)?;
         match (precision, &self.weight) {
-            (Precision::F32, Stored::Int8(q, tied)) => {
-                self.weight = match tied {
-                    Some(table) => Stored::Rows(table.clone()),
-                    None => Stored::Panels(ops::pack_panels(q.dequantize().t()).into_shared()),
-                };
+            (Precision::F32, Stored::Int8(q) | Stored::TiedInt8(q)) => {
+                self.weight = Stored::Panels(ops::pack_panels(q.dequantize().t()).into_shared());
             }
             (Precision::Int8, Stored::Panels(_) | Stored::Rows(_)) => {
                 let q = {
@@ -152,24 +167,12 @@ impl Linear {
                     first_non_finite("weight", w.view().into_dyn())?;
                     ops::Int8Weight::quantize(w.view()).expect("finite, checked above")
                 };
-                let tied = match &self.weight {
-                    Stored::Rows(table) => Some(table.clone()),
-                    _ => None,
-                };
-                self.weight = Stored::Int8(q, tied);
+                self.weight = Stored::Int8(q);
             }
-            (Precision::F32, _) | (Precision::Int8, Stored::Int8(..)) => {}
+            (Precision::Int8, Stored::TiedInt8(q)) => self.weight = Stored::Int8(q.clone()),
+            (Precision::F32, _) | (Precision::Int8, Stored::Int8(_)) => {}
         }
         Ok(())
-    }
-
-    /// Bytes of the int8 copy a tied projection keeps of its table (0 otherwise): memory the
-    /// parameter walk, which reports the table once, does not count.
-    pub(crate) fn tied_copy_bytes(&self) -> usize {
-        match &self.weight {
-            Stored::Int8(q, Some(_)) => q.bytes(),
-            _ => 0,
-        }
     }
 
     /// Output width.
@@ -187,7 +190,7 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
             Stored::Rows(w) => w.view().into(),
-            Stored::Int8(q, _) => q.dequantize().into(),
+            Stored::Int8(q) | Stored::TiedInt8(q) => q.dequantize().into(),
         }
     }
 
@@ -196,7 +199,7 @@ impl Linear {
         match &self.weight {
             Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
             Stored::Rows(w) => ops::Weight::Plain(w.view()),
-            Stored::Int8(q, _) => ops::Weight::Int8(q),
+            Stored::Int8(q) | Stored::TiedInt8(q) => ops::Weight::Int8(q),
         }
     }
 
@@ -310,9 +313,9 @@ impl Parameters for Linear {
     fn visit<'a>(&'a self, f: &mut Visitor<'_, 'a>) {
         match &self.weight {
             Stored::Panels(p) => f("weight", Tensor::Panels(p.view(), self.out_features)),
-            Stored::Int8(q, None) => f("weight", Tensor::Int8(q)),
+            Stored::Int8(q) => f("weight", Tensor::Int8(q)),
             // A tied weight is reported by the table that owns it.
-            Stored::Rows(_) | Stored::Int8(_, Some(_)) => {}
+            Stored::Rows(_) | Stored::TiedInt8(_) => {}
         }
         if let Some(b) = &self.bias {
             f("bias", Tensor::Plain(b.view().into_dyn()));
@@ -328,7 +331,7 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
         .iter()
         .map(|l| match &l.weight {
             Stored::Panels(p) => Some(p),
-            Stored::Rows(_) | Stored::Int8(..) => None,
+            Stored::Rows(_) | Stored::Int8(_) | Stored::TiedInt8(_) => None,
         })
         .collect();
     let Some(panels) = panels else {

@@ -9,8 +9,9 @@ use std::fmt;
 /// scale, `W[o, :] ≈ s[o] · q[o, :]` with `s[o] = max|W[o, :]| / 127`. Each input row (each
 /// token) is quantized the same way when a layer runs, the products are summed exactly in i32
 /// and scaled back by both scales. The weights take a quarter of the memory and are read four
-/// times faster. Embedding tables, LayerNorm, softmax, residuals and the KV cache stay f32. A
-/// tied output projection gets its own int8 copy of the table.
+/// times faster. Token embedding tables are stored the same way, one scale per token, and an
+/// output projection tied to one shares its int8 values. LayerNorm, softmax, residuals, the
+/// position and token-type tables and the KV cache stay f32.
 ///
 /// ```
 /// # use rand::{rngs::StdRng, SeedableRng};

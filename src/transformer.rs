@@ -127,7 +127,7 @@ impl Transformer {
         let output = match projection_weight {
             Some(w) => Linear::from_parts(w, Some(projection_bias)),
             None => Linear::tied(
-                tgt_embed.as_ref().unwrap_or(&src_embed).shared_weight(),
+                tgt_embed.as_ref().unwrap_or(&src_embed).shared_table(),
                 Some(projection_bias),
             ),
         };
@@ -153,7 +153,11 @@ impl Transformer {
         let d = c.d_model;
         let src_embed = Embedding::load(&mut scope.child("src_embed"), c.src_vocab, d)?;
         let tgt_embed = if c.share_embeddings {
-            scope.check_alias("tgt_embed.weight", "src_embed.weight", src_embed.weight())?;
+            scope.check_alias(
+                "tgt_embed.weight",
+                "src_embed.weight",
+                src_embed.weight().view(),
+            )?;
             None
         } else {
             Some(Embedding::load(
@@ -170,7 +174,7 @@ impl Transformer {
                 Some(t) => (t, "tgt_embed.weight"),
                 None => (&src_embed, "src_embed.weight"),
             };
-            scope.check_alias("output.weight", of, tied.weight())?;
+            scope.check_alias("output.weight", of, tied.weight().view())?;
             None
         } else {
             Some(scope.matrix("output.weight", c.tgt_vocab, d)?)
@@ -280,8 +284,9 @@ impl Transformer {
     }
 
     /// Converts every linear layer (the attention projections, the feed-forward layers and the
-    /// output projection) to `precision`, in place; embedding tables, norms and biases stay
-    /// f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 values'
+    /// output projection) and the token embedding tables to `precision`, in place; a tied
+    /// output projection keeps sharing its table. Norms, biases and the positional encoding
+    /// stay f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 values'
     /// rounding: it does not restore the original weights.
     ///
     /// # Errors
@@ -294,6 +299,13 @@ impl Transformer {
         }
         self.check_finite()?;
         quantize_linears(self, precision)?;
+        self.src_embed.quantize(precision)?;
+        if let Some(t) = &mut self.tgt_embed {
+            t.quantize(precision)?;
+        }
+        if self.output.is_tied() {
+            self.output.retie(self.tgt_embedding().shared_table());
+        }
         self.fingerprint = self.compute_fingerprint();
         Ok(())
     }
@@ -303,9 +315,9 @@ impl Transformer {
         self.output.precision()
     }
 
-    /// Bytes the parameters take as stored, with a tied output projection's int8 copy.
+    /// Bytes the parameters take as stored (a shared or tied matrix counted once).
     pub fn parameter_bytes(&self) -> usize {
-        parameters::bytes(self) + self.output.tied_copy_bytes()
+        parameters::bytes(self)
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.
@@ -710,6 +722,10 @@ impl Linears for Transformer {
     fn linears_mut(&mut self, f: &mut dyn FnMut(&mut Linear) -> Result<()>) -> Result<()> {
         self.encoder.linears_mut(f)?;
         self.decoder.linears_mut(f)?;
+        // A tied projection follows its table (`quantize`).
+        if self.output.is_tied() {
+            return Ok(());
+        }
         f(&mut self.output)
     }
 }

@@ -141,6 +141,16 @@ impl Int8Weight {
         w
     }
 
+    /// Row `o` of [`dequantize`](Self::dequantize) times `times`, into `out: [in]`: the same
+    /// floats, `(sw[o] · q[o, i]) · times` (an int8 embedding table's lookup).
+    pub(crate) fn dequantize_row_into(&self, o: usize, times: f32, out: &mut [f32]) {
+        assert_eq!(out.len(), self.inputs, "a row is [in]");
+        let (groups, s) = (self.inputs.div_ceil(GROUP), self.scales[o]);
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = f32::from(self.packed[index(groups, o, i)]) * s * times;
+        }
+    }
+
     /// Bytes the weight takes: the int8 values (with their padding) and the scales.
     pub(crate) fn bytes(&self) -> usize {
         self.packed.len() + 4 * self.scales.len()
