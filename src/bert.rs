@@ -159,7 +159,9 @@ impl EncoderModel {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        model.quantize(options.precision)?;
+        if let Some(precision) = options.precision {
+            model.quantize(precision)?;
+        }
         Ok(model)
     }
 
@@ -277,6 +279,13 @@ mod tests {
             back.forward(ids.view(), None, None).unwrap(),
             model.forward(ids.view(), None, None).unwrap()
         );
+        // An int8 model is written as int8 values with their scales and read back as it was.
+        let mut int8 = model.clone();
+        int8.quantize(crate::Precision::Int8).unwrap();
+        let int8_bytes = int8.to_hf_bert_safetensors().unwrap();
+        let back = EncoderModel::from_hf_bert(config.clone(), &int8_bytes, &LoadOptions::default())
+            .unwrap();
+        assert_eq!(back, int8);
         // A bigger vocabulary in the config than in the file names the tensor and shapes.
         let other = TransformerConfig {
             src_vocab: 31,

@@ -7,7 +7,7 @@ use ndarray::{ArcArray, Array2, Array3, ArrayView2, Axis, CowArray, Ix2};
 use rand::Rng;
 
 use crate::error::{Error, Result};
-use crate::parameters::{first_non_finite, Parameters, Scope, Tensor, Visitor};
+use crate::parameters::{first_non_finite, Matrix, Parameters, Scope, Tensor, Visitor};
 use crate::precision::Precision;
 use crate::{init, ops};
 
@@ -52,9 +52,15 @@ impl Embedding {
         })
     }
 
-    /// Reads the `[vocab, d_model]` table `weight` from `scope`.
+    /// Reads the `[vocab, d_model]` table `weight` from `scope`, in the precision the file
+    /// stores it in.
     pub(crate) fn load(scope: &mut Scope, vocab: usize, d_model: usize) -> Result<Self> {
-        Self::new(scope.matrix("weight", vocab, d_model)?)
+        match scope.stored_matrix("weight", vocab, d_model)? {
+            Matrix::F32(w) => Self::new(w),
+            Matrix::Int8(q) => Ok(Embedding {
+                table: Table::Int8(q),
+            }),
+        }
     }
 
     /// A freshly initialised `[vocab, d_model]` table (Xavier uniform).

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::embedding::Table;
 use crate::error::{Error, Result};
-use crate::parameters::{first_non_finite, Parameters, Scope, Tensor, Visitor};
+use crate::parameters::{first_non_finite, Matrix, Parameters, Scope, Tensor, Visitor};
 use crate::precision::Precision;
 use crate::{huge_pages, init, ops};
 
@@ -121,11 +121,22 @@ impl Linear {
         matches!(self.weight, Stored::Rows(_) | Stored::TiedInt8(_))
     }
 
-    /// Reads `{weight, bias}` of an `[out, in]` layer from `scope`.
+    /// Reads `{weight, bias}` of an `[out, in]` layer from `scope`, the weight in the
+    /// precision the file stores it in.
     pub(crate) fn load(scope: &mut Scope, out_features: usize, in_features: usize) -> Result<Self> {
-        let weight = scope.matrix("weight", out_features, in_features)?;
-        let bias = scope.vector("bias", out_features)?;
-        Ok(Self::from_parts(weight, Some(bias)))
+        let weight = scope.stored_matrix("weight", out_features, in_features)?;
+        let bias = Some(scope.vector("bias", out_features)?);
+        let mut layer = match weight {
+            Matrix::F32(w) => Self::from_parts(w, bias),
+            Matrix::Int8(q) => Linear {
+                weight: Stored::Int8(q),
+                out_features,
+                bias,
+            },
+        };
+        let precision = layer.precision();
+        check_int8_widths(&mut layer, precision)?;
+        Ok(layer)
     }
 
     /// Input width.

@@ -154,6 +154,15 @@ pub(crate) trait Source {
     /// Checks that the tensor at `name`, if the source holds one, equals `expected`: a shared
     /// or tied matrix (known by its walk name `of`) that a file stores a second time.
     fn check_alias(&mut self, name: &str, of: &str, expected: ArrayView2<f32>) -> Result<()>;
+    /// The matrix at `name` as int8 values with one scale per row, if the source stores it
+    /// so (`None` if it stores floats, which [`tensor`](Self::tensor) reads).
+    fn int8(&mut self, name: &str, shape: [usize; 2]) -> Result<Option<ops::Int8Weight>>;
+}
+
+/// A matrix as a [`Source`] stores it.
+pub(crate) enum Matrix {
+    F32(Array2<f32>),
+    Int8(ops::Int8Weight),
 }
 
 /// A [`Source`] seen from inside one layer: names relative to the layer, as in
@@ -195,6 +204,16 @@ impl<'s> Scope<'s> {
         // The source has checked the shape, so the conversion cannot fail.
         t.into_dimensionality()
             .map_err(|e| Error::Safetensors(format!("tensor `{name}`: {e}")))
+    }
+
+    /// The matrix `leaf`, `[rows, cols]`, as the source stores it: int8 values with their
+    /// scales, or f32 (widened from half precision if need be).
+    pub(crate) fn stored_matrix(&mut self, leaf: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let name = self.path(leaf);
+        match self.source.int8(&name, [rows, cols])? {
+            Some(q) => Ok(Matrix::Int8(q)),
+            None => self.matrix(leaf, rows, cols).map(Matrix::F32),
+        }
     }
 
     /// The vector `leaf`, `[len]`.

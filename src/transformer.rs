@@ -104,13 +104,19 @@ impl Transformer {
         let encoder = Encoder::new(encoder_layers, final_norm()?)?;
         let decoder = Decoder::new(decoder_layers, final_norm()?)?;
         let input = InputEmbedding::init(c, rng)?;
-        let projection_weight = (!c.tie_output_projection).then(|| {
-            crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng)
-        });
-        let projection_bias = Array1::zeros(c.tgt_vocab);
+        let bias = Array1::zeros(c.tgt_vocab);
+        let output = if c.tie_output_projection {
+            Linear::tied(
+                tgt_embed.as_ref().unwrap_or(&src_embed).shared_table(),
+                Some(bias),
+            )
+        } else {
+            let w =
+                crate::init::xavier_uniform(c.tgt_vocab, c.d_model, c.d_model, c.tgt_vocab, rng);
+            Linear::from_parts(w, Some(bias))
+        };
         let (embeddings, stacks) = ((src_embed, tgt_embed), (encoder, decoder));
-        let projection = (projection_weight, projection_bias);
-        Self::from_parts(config, embeddings, input, stacks, projection)
+        Self::from_parts(config, embeddings, input, stacks, output)
     }
 
     /// Assembles a model from loaded parts, checking them against the config.
@@ -119,18 +125,11 @@ impl Transformer {
         (src_embed, tgt_embed): (Embedding, Option<Embedding>),
         input: InputEmbedding,
         (encoder, decoder): (Encoder, Decoder),
-        (projection_weight, projection_bias): (Option<Array2<f32>>, Array1<f32>),
+        output: Linear,
     ) -> Result<Self> {
         config.validate()?;
         debug_assert_eq!(tgt_embed.is_none(), config.share_embeddings);
-        debug_assert_eq!(projection_weight.is_none(), config.tie_output_projection);
-        let output = match projection_weight {
-            Some(w) => Linear::from_parts(w, Some(projection_bias)),
-            None => Linear::tied(
-                tgt_embed.as_ref().unwrap_or(&src_embed).shared_table(),
-                Some(projection_bias),
-            ),
-        };
+        debug_assert_eq!(output.is_tied(), config.tie_output_projection);
         let mut model = Transformer {
             config,
             src_embed,
@@ -169,20 +168,19 @@ impl Transformer {
         let input = InputEmbedding::load(&mut scope.child("input"), c)?;
         let encoder = Encoder::load(&mut scope.child("encoder"), c)?;
         let decoder = Decoder::load(&mut scope.child("decoder"), c)?;
-        let projection_weight = if c.tie_output_projection {
+        let output = if c.tie_output_projection {
             let (tied, of) = match &tgt_embed {
                 Some(t) => (t, "tgt_embed.weight"),
                 None => (&src_embed, "src_embed.weight"),
             };
             scope.check_alias("output.weight", of, tied.weight().view())?;
-            None
+            let bias = scope.vector("output.bias", c.tgt_vocab)?;
+            Linear::tied(tied.shared_table(), Some(bias))
         } else {
-            Some(scope.matrix("output.weight", c.tgt_vocab, d)?)
+            Linear::load(&mut scope.child("output"), c.tgt_vocab, d)?
         };
-        let projection_bias = scope.vector("output.bias", c.tgt_vocab)?;
         let (embeddings, stacks) = ((src_embed, tgt_embed), (encoder, decoder));
-        let projection = (projection_weight, projection_bias);
-        Self::from_parts(config, embeddings, input, stacks, projection)
+        Self::from_parts(config, embeddings, input, stacks, output)
     }
 
     /// The configuration.

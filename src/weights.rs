@@ -21,6 +21,13 @@
 //! Without `final_norm` the two stack norms are absent. BERT checkpoints in Hugging Face's
 //! names load into an [`EncoderModel`](crate::EncoderModel) through [`crate::bert`].
 //!
+//! A model converted to [`Precision::Int8`] is saved as int8: each int8 matrix under its name
+//! with dtype `I8`, `[out, in]`, and its scales, one a row, as `F32` under the name plus
+//! `_scale` (`transformer.encoder.layers.0.linear1.weight_scale`, `src_embed.weight_scale`,
+//! `…self_attn.in_proj_weight_scale` for the stacked projections, `[3·d_model]`). The file is
+//! about a quarter of the f32 one and loads back as the same int8 model; the value of row `o` is
+//! `scale[o] · q[o, i]`.
+//!
 //! Loading and saving go through the model's one walk of its parameters
 //! ([`Transformer::named_parameters`] lists its names); the PyTorch names are a table over it
 //! (`src/naming.rs`), so a file format is a table of renames and stacked tensors.
@@ -30,14 +37,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use half::{bf16, f16};
-use ndarray::{ArrayD, ArrayView2, ArrayViewD, Axis, CowArray, IxDyn, Zip};
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, CowArray, IxDyn, Zip};
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::attention::MultiHeadAttention;
 use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
 use crate::naming::{self, Naming};
-use crate::parameters::{first_non_finite, Parameters, Scope, Source};
+use crate::ops::Int8Weight;
+use crate::parameters::{first_non_finite, Parameters, Scope, Source, Tensor};
 use crate::precision::Precision;
 use crate::transformer::Transformer;
 
@@ -69,9 +77,10 @@ pub struct LoadOptions {
     /// check is one extra pass over the weights); [`Transformer::check_finite`] runs it on a
     /// model already built.
     pub check_finite: bool,
-    /// The precision the model's linear layers are converted to once loaded
-    /// ([`Transformer::quantize`]). Default [`Precision::F32`]: the stored weights as they are.
-    pub precision: Precision,
+    /// The precision the model is converted to once loaded ([`Transformer::quantize`]).
+    /// Default `None`: the weights as the file stores them (f32, widened half precision, or
+    /// int8 matrices with their scales, which stay int8).
+    pub precision: Option<Precision>,
 }
 
 impl Default for LoadOptions {
@@ -81,7 +90,7 @@ impl Default for LoadOptions {
             strict: true,
             convert_half: true,
             check_finite: false,
-            precision: Precision::F32,
+            precision: None,
         }
     }
 }
@@ -149,6 +158,16 @@ impl<'a> Reader<'a> {
             .tensor(&full)
             .map_err(|_| Error::MissingTensor { name: full.clone() })?;
         let dtype = view.dtype();
+        if dtype == Dtype::I8 {
+            // An int8 matrix read as floats: its values times its scales (an alias check, a
+            // table the model keeps in f32).
+            let (q, scales) = self.int8_tensor(&full, shape)?;
+            let mut w = q.mapv(f32::from);
+            for (mut row, &s) in w.rows_mut().into_iter().zip(&scales) {
+                row.mapv_inplace(|q| q * s);
+            }
+            return Ok(w.into_dyn());
+        }
         let (width, decode): (usize, fn(&[u8]) -> f32) = match dtype {
             Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             Dtype::F16 if self.convert_half => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
@@ -157,9 +176,9 @@ impl<'a> Reader<'a> {
                 return Err(Error::TensorDtype {
                     name: full,
                     expected: if self.convert_half {
-                        "F32, F16 or BF16"
+                        "F32, F16, BF16 or I8 with scales"
                     } else {
-                        "F32 (F16 and BF16 need LoadOptions::convert_half)"
+                        "F32 or I8 with scales (F16 and BF16 need LoadOptions::convert_half)"
                     },
                     found: format!("{dtype:?}"),
                 })
@@ -184,6 +203,59 @@ impl<'a> Reader<'a> {
         }
         self.used.insert(full);
         Ok(tensor)
+    }
+
+    /// The int8 matrix `full` (prefix included), `shape = [rows, cols]`, and its scales
+    /// `{full}_scale`, `[rows]`, F32 and finite.
+    fn int8_tensor(&mut self, full: &str, shape: &[usize]) -> Result<(Array2<i8>, Vec<f32>)> {
+        let view = self
+            .file
+            .tensor(full)
+            .map_err(|_| Error::MissingTensor { name: full.into() })?;
+        if view.shape() != shape || shape.len() != 2 {
+            return Err(Error::TensorShape {
+                name: full.into(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let values = view.data().iter().map(|&b| b as i8).collect();
+        let q = Array2::from_shape_vec((shape[0], shape[1]), values)
+            .map_err(|e| Error::Safetensors(format!("tensor `{full}`: {e}")))?;
+        let scale_name = format!("{full}_scale");
+        let scale = self
+            .file
+            .tensor(&scale_name)
+            .map_err(|_| Error::MissingTensor {
+                name: scale_name.clone(),
+            })?;
+        if scale.dtype() != Dtype::F32 {
+            return Err(Error::TensorDtype {
+                name: scale_name,
+                expected: "F32",
+                found: format!("{:?}", scale.dtype()),
+            });
+        }
+        if scale.shape() != [shape[0]] {
+            return Err(Error::TensorShape {
+                name: scale_name,
+                expected: vec![shape[0]],
+                found: scale.shape().to_vec(),
+            });
+        }
+        let scales: Vec<f32> = scale
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        // Scales are checked whatever `check_finite` says: one NaN scale is a row of NaN.
+        first_non_finite(
+            &scale_name,
+            ndarray::ArrayView1::from(&scales[..]).into_dyn(),
+        )?;
+        self.used.insert(full.into());
+        self.used.insert(scale_name);
+        Ok((q, scales))
     }
 
     /// Names under the prefix that were not read.
@@ -214,6 +286,20 @@ impl Source for Reader<'_> {
             t.slice_axis(Axis(0), (part * rows..(part + 1) * rows).into())
                 .to_owned(),
         )
+    }
+
+    fn int8(&mut self, name: &str, [rows, cols]: [usize; 2]) -> Result<Option<Int8Weight>> {
+        let file = self.naming.file_name(name);
+        let full = format!("{}{}", self.prefix, file.name);
+        if !matches!(self.file.tensor(&full), Ok(v) if v.dtype() == Dtype::I8) {
+            return Ok(None);
+        }
+        let parts = file.part.map_or(1, |(_, parts)| parts);
+        let (q, scales) = self.int8_tensor(&full, &[rows * parts, cols])?;
+        let part = file.part.map_or(0, |(part, _)| part);
+        let range = part * rows..(part + 1) * rows;
+        let q = q.slice(ndarray::s![range.clone(), ..]);
+        Ok(Some(Int8Weight::from_parts(q, &scales[range])))
     }
 
     fn check_alias(&mut self, name: &str, of: &str, expected: ArrayView2<f32>) -> Result<()> {
@@ -347,7 +433,9 @@ impl Transformer {
         if options.strict && !unused.is_empty() {
             return Err(Error::UnexpectedTensors { names: unused });
         }
-        model.quantize(options.precision)?;
+        if let Some(precision) = options.precision {
+            model.quantize(precision)?;
+        }
         let report = LoadReport {
             unexpected: unused,
             converted: r.converted,
@@ -385,12 +473,14 @@ impl Transformer {
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let mut tensors = file_tensors(self, &naming::PYTORCH)?;
         // PyTorch's `state_dict()` lists a shared or tied matrix under each of its names.
-        let table = |e: &crate::Embedding| F32Tensor::new(e.weight().into_dyn().into());
+        let mut alias = |name: &str, table: &crate::Embedding| {
+            table.visit(&mut |_, t| push_tensor(&mut tensors, name.into(), &t));
+        };
         if self.config().share_embeddings {
-            tensors.push(("tgt_embed.weight".into(), table(self.src_embedding())));
+            alias("tgt_embed.weight", self.src_embedding());
         }
         if self.config().tie_output_projection {
-            tensors.push(("generator.weight".into(), table(self.tgt_embedding())));
+            alias("generator.weight", self.tgt_embedding());
         }
         serialize(tensors)
     }
@@ -405,61 +495,114 @@ impl Transformer {
     }
 }
 
-/// `model`'s parameters under `naming`'s file names, fused tensors stacked.
+/// `model`'s parameters under `naming`'s file names, fused tensors stacked. An int8 matrix is
+/// written as its I8 values under its name and its f32 scales under `{name}_scale`.
 pub(crate) fn file_tensors(
     model: &dyn Parameters,
     naming: &Naming,
-) -> Result<Vec<(String, F32Tensor)>> {
+) -> Result<Vec<(String, FileTensor)>> {
     let mut tensors = Vec::new();
-    let mut stacks: BTreeMap<String, Vec<Option<CowArray<f32, IxDyn>>>> = BTreeMap::new();
+    let mut stacks: BTreeMap<String, Vec<Option<Tensor>>> = BTreeMap::new();
     model.visit(&mut |name, t| {
         let file = naming.file_name(name);
         match file.part {
-            None => tensors.push((file.name, F32Tensor::new(t.values()))),
+            None => push_tensor(&mut tensors, file.name, &t),
             Some((part, parts)) => {
                 let stack = stacks.entry(file.name).or_insert_with(|| vec![None; parts]);
-                stack[part] = Some(t.values());
+                stack[part] = Some(t);
             }
         }
     });
     for (name, parts) in stacks {
-        let parts: Vec<ArrayViewD<f32>> = parts
+        let parts: Vec<Tensor> = parts.into_iter().collect::<Option<_>>().ok_or_else(|| {
+            Error::Safetensors(format!("tensor `{name}`: a stacked part is missing"))
+        })?;
+        let int8: Option<Vec<&Int8Weight>> = parts
             .iter()
-            .map(|p| p.as_ref().map(|p| p.view()))
-            .collect::<Option<_>>()
-            .ok_or_else(|| {
-                Error::Safetensors(format!("tensor `{name}`: a stacked part is missing"))
-            })?;
-        let stacked = naming::stack(&name, &parts)?;
-        tensors.push((name, F32Tensor::new(stacked.into())));
+            .map(|t| match t {
+                Tensor::Int8(q) => Some(*q),
+                _ => None,
+            })
+            .collect();
+        match int8 {
+            Some(int8) => {
+                let values: Vec<_> = int8.iter().map(|q| q.values()).collect();
+                let views: Vec<_> = values.iter().map(|v| v.view()).collect();
+                let q = ndarray::concatenate(Axis(0), &views).map_err(|e| {
+                    Error::Safetensors(format!("tensor `{name}`: parts do not stack: {e}"))
+                })?;
+                let scales: Vec<f32> = int8.iter().flat_map(|q| q.scales().to_vec()).collect();
+                tensors.push((
+                    format!("{name}_scale"),
+                    FileTensor::f32(scales_view(&scales)),
+                ));
+                tensors.push((name, FileTensor::int8(q.view())));
+            }
+            None => {
+                let values: Vec<CowArray<f32, IxDyn>> = parts.iter().map(Tensor::values).collect();
+                let views: Vec<ArrayViewD<f32>> = values.iter().map(|v| v.view()).collect();
+                let stacked = naming::stack(&name, &views)?;
+                tensors.push((name, FileTensor::f32(stacked.into())));
+            }
+        }
     }
     Ok(tensors)
 }
 
+/// Adds `t` under `name` (and its scales under `{name}_scale` when int8).
+pub(crate) fn push_tensor(tensors: &mut Vec<(String, FileTensor)>, name: String, t: &Tensor) {
+    if let Tensor::Int8(q) = t {
+        tensors.push((
+            format!("{name}_scale"),
+            FileTensor::f32(scales_view(q.scales())),
+        ));
+        tensors.push((name, FileTensor::int8(q.values().view())));
+    } else {
+        tensors.push((name, FileTensor::f32(t.values())));
+    }
+}
+
+fn scales_view(scales: &[f32]) -> CowArray<'_, f32, IxDyn> {
+    ndarray::ArrayView1::from(scales).into_dyn().into()
+}
+
 /// Named tensors as safetensors bytes, with PyTorch's `format: pt` metadata.
-pub(crate) fn serialize(tensors: Vec<(String, F32Tensor)>) -> Result<Vec<u8>> {
+pub(crate) fn serialize(tensors: Vec<(String, FileTensor)>) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize(tensors, Some(metadata)).map_err(|e| Error::Safetensors(e.to_string()))
 }
 
-/// An f32 tensor in little-endian bytes, as safetensors stores it.
-pub(crate) struct F32Tensor {
+/// A tensor in little-endian bytes, as safetensors stores it: f32, or int8 values.
+pub(crate) struct FileTensor {
+    dtype: Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
-impl F32Tensor {
-    pub(crate) fn new(t: CowArray<f32, IxDyn>) -> Self {
+impl FileTensor {
+    pub(crate) fn f32(t: CowArray<f32, IxDyn>) -> Self {
         let shape = t.shape().to_vec();
         // Iterating in logical order writes row-major bytes whatever the memory layout.
         let bytes = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-        F32Tensor { shape, bytes }
+        FileTensor {
+            dtype: Dtype::F32,
+            shape,
+            bytes,
+        }
+    }
+
+    fn int8(q: ArrayView2<i8>) -> Self {
+        FileTensor {
+            dtype: Dtype::I8,
+            shape: q.shape().to_vec(),
+            bytes: q.iter().map(|&v| v as u8).collect(),
+        }
     }
 }
 
-impl View for F32Tensor {
+impl View for FileTensor {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -501,11 +644,15 @@ mod tests {
                 tgt_vocab: if share { 10 } else { 11 },
                 ..tiny()
             };
-            let model = Transformer::new(config.clone(), &mut StdRng::seed_from_u64(9)).unwrap();
-            let bytes = model.to_safetensors().unwrap();
-            let back =
-                Transformer::from_safetensors(config, &bytes, &LoadOptions::default()).unwrap();
-            assert_eq!(model, back);
+            let mut model =
+                Transformer::new(config.clone(), &mut StdRng::seed_from_u64(9)).unwrap();
+            for precision in [Precision::F32, Precision::Int8] {
+                model.quantize(precision).unwrap();
+                let bytes = model.to_safetensors().unwrap();
+                let options = LoadOptions::default();
+                let back = Transformer::from_safetensors(config.clone(), &bytes, &options).unwrap();
+                assert_eq!(model, back, "{precision}, share {share}, tie {tie}");
+            }
         }
     }
 
@@ -571,7 +718,7 @@ mod tests {
             Transformer::from_safetensors(tiny(), &bytes, &LoadOptions::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "tensor `src_embed.weight` has dtype F64, expected F32, F16 or BF16"
+            "tensor `src_embed.weight` has dtype F64, expected F32, F16, BF16 or I8 with scales"
         );
         let data = vec![0u8; 2 * 10 * 8];
         let view = safetensors::tensor::TensorView::new(Dtype::F16, vec![10, 8], &data).unwrap();

@@ -940,7 +940,7 @@ fn quantizing_a_nan_weight_names_it_and_leaves_the_model_in_f32() {
     assert_eq!(m.precision(), Precision::F32);
     // Loading with int8 asked for fails the same way.
     let options = LoadOptions {
-        precision: Precision::Int8,
+        precision: Some(Precision::Int8),
         ..LoadOptions::default()
     };
     let e = err(Transformer::from_safetensors(
@@ -952,6 +952,84 @@ fn quantizing_a_nan_weight_names_it_and_leaves_the_model_in_f32() {
         matches!(&e, Error::NonFinite { index, .. } if index == &[3, 5]),
         "{e:?}"
     );
+}
+
+/// The tiny model in int8, as safetensors bytes, split into its tensors.
+fn int8_tensors() -> Vec<Tensor> {
+    let mut m = model();
+    m.quantize(Precision::Int8).unwrap();
+    tensors_of(&m.to_safetensors().unwrap())
+}
+
+const SCALE: &str = "transformer.encoder.layers.0.self_attn.in_proj_weight_scale";
+
+#[test]
+fn an_int8_file_without_a_scale_names_the_missing_scale() {
+    let mut tensors = int8_tensors();
+    tensors.retain(|t| t.name != SCALE);
+    let e = err(load(&serialize(&tensors)));
+    assert!(
+        matches!(&e, Error::MissingTensor { name } if name == SCALE),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_int8_file_with_a_wrong_shaped_scale_names_both_shapes() {
+    let mut tensors = int8_tensors();
+    let t = tensors.iter_mut().find(|t| t.name == SCALE).unwrap();
+    assert_eq!(
+        t.shape,
+        [24],
+        "one scale for each of the 3 · 8 stacked rows"
+    );
+    t.shape = vec![23];
+    t.data.truncate(23 * 4);
+    let e = err(load(&serialize(&tensors)));
+    assert!(
+        matches!(&e, Error::TensorShape { name, expected, found }
+            if name == SCALE && expected == &[24] && found == &[23]),
+        "{e:?}"
+    );
+    assert_mentions(&e, &[SCALE, "[23]", "[24]"]);
+}
+
+#[test]
+fn an_int8_file_with_a_nan_scale_names_it_whatever_check_finite_says() {
+    let mut tensors = int8_tensors();
+    let t = tensors.iter_mut().find(|t| t.name == SCALE).unwrap();
+    t.data[5 * 4..6 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = err(load(&serialize(&tensors)));
+    assert!(
+        matches!(&e, Error::NonFinite { name, index, value }
+            if name == SCALE && index == &[5] && value.is_nan()),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_int8_file_with_scales_in_half_precision_names_the_dtype() {
+    let mut tensors = int8_tensors();
+    let t = tensors.iter_mut().find(|t| t.name == SCALE).unwrap();
+    t.dtype = Dtype::F16;
+    t.data.truncate(t.data.len() / 2);
+    let e = err(load(&serialize(&tensors)));
+    assert!(
+        matches!(&e, Error::TensorDtype { name, found, .. } if name == SCALE && found == "F16"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_int8_file_loads_as_int8_and_equals_the_model_saved() {
+    let mut m = model();
+    m.quantize(Precision::Int8).unwrap();
+    let tensors = int8_tensors();
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    assert!(names.contains(&SCALE) && names.contains(&"src_embed.weight_scale"));
+    let back = load(&serialize(&tensors)).unwrap();
+    assert_eq!(back.precision(), Precision::Int8);
+    assert_eq!(back, m);
 }
 
 // --- Decoding parameters ---------------------------------------------------------------------

@@ -161,6 +161,14 @@ fn an_int8_model_takes_at_most_30_percent_of_its_f32_bytes_and_converts_back_exa
         "{int8_bytes} of {f32_bytes}"
     );
     let embedded = model.embed_source(src.view()).unwrap();
+    // Saved as int8 values with their scales, the file is as small and loads back as int8.
+    let bytes = model.to_safetensors().unwrap();
+    println!("saved: {} bytes", bytes.len());
+    assert!(10 * bytes.len() <= 3 * f32_bytes, "{} bytes", bytes.len());
+    let loaded =
+        Transformer::from_safetensors(model.config().clone(), &bytes, &LoadOptions::default())
+            .unwrap();
+    assert_eq!(loaded, model);
     // Converting back gives the int8 values' f32 weights; converting again gives the same int8.
     let owned = |m: &Transformer| -> Vec<(String, ndarray::ArrayD<f32>)> {
         m.named_parameters()
@@ -189,7 +197,7 @@ fn an_int8_forward_stays_close_to_f32_on_a_fixture_model_at_any_thread_count() {
         fixture.config(),
         &fixture.bytes,
         &LoadOptions {
-            precision: Precision::Int8,
+            precision: Some(Precision::Int8),
             ..LoadOptions::with_prefix("weights.")
         },
     )
