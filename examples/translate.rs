@@ -6,11 +6,14 @@
 //! cargo run --release --example translate
 //! cargo run --release --example translate -- "3rd of March, 2031" "12.10.1954"
 //! cargo run --release --example translate -- --n 20000 --batch 512 --seed 7
+//! cargo run --release --example translate -- --int8                  # int8 weights
 //! ```
 //!
 //! Options: `--n N` held-out dates to evaluate (default 5000, 0 skips the evaluation),
 //! `--batch B` (default 256), `--seed S` (default 2017), `--assets DIR` (default
-//! `assets/dates/` of the repository). Every other argument is a date to translate.
+//! `assets/dates/` of the repository), `--int8` (convert the model to int8 weights after
+//! loading, [`Precision::Int8`](ndtransformer::Precision)). Every other argument is a date to
+//! translate.
 
 mod dates;
 
@@ -26,6 +29,7 @@ struct Args {
     batch: usize,
     seed: u64,
     assets: std::path::PathBuf,
+    int8: bool,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -35,6 +39,7 @@ fn parse_args() -> Result<Args, BoxError> {
         batch: 256,
         seed: 2017,
         assets: dates::default_assets_dir(),
+        int8: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,9 +60,10 @@ fn parse_args() -> Result<Args, BoxError> {
                     .map_err(|e| format!("--seed: {e}"))?
             }
             "--assets" => args.assets = value("--assets")?.into(),
+            "--int8" => args.int8 = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: translate [--n N] [--batch B] [--seed S] [--assets DIR] [DATE...]"
+                    "usage: translate [--n N] [--batch B] [--seed S] [--assets DIR] [--int8] [DATE...]"
                 );
                 std::process::exit(0);
             }
@@ -95,12 +101,19 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode, BoxError> {
     let args = parse_args()?;
     let start = Instant::now();
-    let m = DatesModel::load(&args.assets)?;
+    let mut m = DatesModel::load(&args.assets)?;
+    let f32_bytes = m.model.parameter_bytes();
+    if args.int8 {
+        m.model.quantize(ndtransformer::Precision::Int8)?;
+    }
     let c = &m.config;
     println!(
-        "model: {} ({} parameters; d_model {}, {} heads, {}+{} layers, vocabulary {}), loaded in {:.1?}",
+        "model: {} ({} parameters, {}: {} bytes of weights, {f32_bytes} in f32; d_model {}, {} heads, \
+         {}+{} layers, vocabulary {}), loaded in {:.1?}",
         args.assets.display(),
         m.model.num_parameters(),
+        m.model.precision(),
+        m.model.parameter_bytes(),
         c.d_model,
         c.num_heads,
         c.num_encoder_layers,
