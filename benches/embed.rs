@@ -4,7 +4,8 @@
 //!
 //! - `embed/encode_256`: tokenisation + encoder + pooling + normalisation, every batch
 //!   (what `SentenceTransformer.encode` does per batch);
-//! - `embed/forward_256`: the same on batches tokenised beforehand.
+//! - `embed/forward_256`: the same on batches tokenised beforehand;
+//! - `embed_int8/encode_256`: `encode_256` with the model in int8 ([`Precision::Int8`]).
 //!
 //! Throughput is in sentences. The model is fetched into `target/models/` on first use.
 //! Run with `cargo bench --bench embed`.
@@ -13,7 +14,7 @@
 mod minilm;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ndtransformer::SentenceEncoder;
+use ndtransformer::{Precision, SentenceEncoder};
 use std::hint::black_box;
 
 const BATCH: usize = 32;
@@ -45,12 +46,19 @@ fn bench_embed(c: &mut Criterion) {
             )
             .unwrap()
     };
+    let encode = |encoder: &SentenceEncoder| {
+        for chunk in sentences.chunks(BATCH) {
+            let batch = minilm::tokenize(&tokenizer, chunk).unwrap();
+            let mask = batch.attention_mask.view();
+            black_box(
+                encoder
+                    .embed(batch.ids.view(), mask, Some(batch.token_types.view()))
+                    .unwrap(),
+            );
+        }
+    };
     group.bench_function(format!("encode_{}", sentences.len()), |b| {
-        b.iter(|| {
-            for chunk in sentences.chunks(BATCH) {
-                black_box(embed(&minilm::tokenize(&tokenizer, chunk).unwrap()));
-            }
-        })
+        b.iter(|| encode(&encoder))
     });
     group.bench_function(format!("forward_{}", sentences.len()), |b| {
         b.iter(|| {
@@ -58,6 +66,16 @@ fn bench_embed(c: &mut Criterion) {
                 black_box(embed(batch));
             }
         })
+    });
+    group.finish();
+
+    let mut int8 = encoder.clone();
+    int8.quantize(Precision::Int8).unwrap();
+    let mut group = c.benchmark_group("embed_int8");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(sentences.len() as u64));
+    group.bench_function(format!("encode_{}", sentences.len()), |b| {
+        b.iter(|| encode(&int8))
     });
     group.finish();
 }

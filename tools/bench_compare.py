@@ -25,11 +25,15 @@ its machine with it.
 Usage::
 
     python3 tools/bench_compare.py [--threads 2] [--markdown] [--skip-generation] [--skip-embed]
-                                   [--rounds 1] [--ctranslate2]
+                                   [--rounds 1] [--ctranslate2] [--only-ctranslate2]
+                                   [--accuracy]
 
 With ``--ctranslate2`` a second table follows: the crate in f32 and in int8 against
 CTranslate2 in float32 and int8 (``tools/bench_ctranslate2.py``: the same architecture as a
-Hugging Face ``MarianMTModel`` with random weights, converted by CTranslate2's converter).
+Hugging Face ``MarianMTModel`` with random weights, converted by CTranslate2's converter), and
+a line for MiniLM in int8 against sentence-transformers. ``--only-ctranslate2`` prints that
+table alone. ``--accuracy`` adds the accuracy of each reduced precision on the real models, as
+the tests ``tests/int8.rs`` (and ``tests/bf16.rs`` where present) print it.
 
 With ``--rounds N`` the forward workloads run N times on each side, alternating (the crate's
 benches, then PyTorch's script, and again): the table gives the medians over the rounds and a
@@ -43,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -171,6 +176,16 @@ def main() -> None:
         help="also the int8 workloads against CTranslate2 (tools/bench_ctranslate2.py)",
     )
     parser.add_argument(
+        "--only-ctranslate2",
+        action="store_true",
+        help="only the CTranslate2 table (implies --ctranslate2)",
+    )
+    parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="also the accuracy of the reduced precisions on the real models (tests/int8.rs)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -182,6 +197,11 @@ def main() -> None:
     for line in cpu_summary():
         print(line)
     print(flush=True)
+    if args.only_ctranslate2:
+        ctranslate2_table(args.threads, args.markdown)
+        if args.accuracy:
+            accuracy_table(args.markdown)
+        return
 
     forward_workloads = [
         ("encoder, batch 8 × 128", "encoder_8x128", "encoder_8x128"),
@@ -258,6 +278,32 @@ def main() -> None:
         print(note)
     if args.ctranslate2:
         ctranslate2_table(args.threads, args.markdown)
+    if args.accuracy:
+        accuracy_table(args.markdown)
+
+
+def accuracy_table(markdown: bool) -> None:
+    """The figures the accuracy tests print (dates model exact matches, MiniLM's lowest
+    cosine with f32, weight bytes), for each reduced precision they cover."""
+    tests = [t for t in ("int8", "bf16") if (ROOT / "tests" / f"{t}.rs").exists()]
+    header = ["precision", "dates model, 5000 held-out", "MiniLM lowest cosine vs f32",
+              "MiniLM weights MB (f32)"]
+    lines = []
+    for test in tests:
+        cmd = ["cargo", "test", "--release", "--test", test, "--", "--nocapture", "--test-threads", "1"]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        dates = re.search(r"dates model, \w+: (\d+)/(\d+)", out)
+        minilm = re.search(r"all-MiniLM-L6-v2 \w+: lowest cosine with f32 over \d+ sentences "
+                           r"([0-9.]+); weights (\d+) of (\d+) bytes", out)
+        lines.append([
+            test,
+            f"{dates[1]}/{dates[2]}" if dates else "–",
+            minilm[1] if minilm else "–",
+            f"{int(minilm[2]) / 1e6:.1f} ({int(minilm[3]) / 1e6:.1f})" if minilm else "–",
+        ])
+    print()
+    print_table(header, lines, markdown)
 
 
 def ctranslate2_table(threads: int, markdown: bool) -> None:
@@ -265,6 +311,7 @@ def ctranslate2_table(threads: int, markdown: bool) -> None:
     (`tools/bench_ctranslate2.py`), on the workloads both run."""
     cargo_bench("forward", ["model/encoder_", "model_int8/"], threads)
     cargo_bench("generation", ["greedy_generation/", "generation_int8/"], threads)
+    cargo_bench("embed", ["embed/encode", "embed_int8/"], threads)
     ct2 = torch_json("bench_ctranslate2.py", threads)
     workloads = [
         ("encoder, batch 8 × 128 (CTranslate2: + one step)", ("model", "encoder_8x128"),
@@ -287,6 +334,20 @@ def ctranslate2_table(threads: int, markdown: bool) -> None:
                       f"{theirs_int8:.1f}", f"{theirs_int8 / ours_int8:.2f}×"])
     print()
     print_table(header, lines, markdown)
+    # MiniLM has no CTranslate2 counterpart here: its int8 row is against sentence-transformers.
+    cmd = [sys.executable, str(TOOLS / "bench_torch_embed.py"), "--threads", str(threads)]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, cwd=TOOLS, check=True, capture_output=True, text=True).stdout
+    torch_embed = json.loads(out[out.index("{"):])
+    n = torch_embed["num_sentences"]
+    theirs = torch_embed["workloads"]["encode"]["median_ms_total"]
+    ours_f32 = criterion_result("embed", f"encode_{n}")[0]
+    ours_int8 = criterion_result("embed_int8", f"encode_{n}")[0]
+    print(
+        f"MiniLM-L6, tokenise + encode {n} sentences: ours f32 {ours_f32:.0f} ms, int8 "
+        f"{ours_int8:.0f} ms; sentence-transformers (PyTorch f32) {theirs:.0f} ms: int8 "
+        f"{theirs / ours_int8:.2f}× PyTorch"
+    )
 
 
 def print_table(header: list[str], lines: list[list[str]], markdown: bool) -> None:
