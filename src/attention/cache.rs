@@ -6,7 +6,7 @@
 //! token and appends its key and value. The layers never mutate themselves; the cache is a
 //! value passed to [`Transformer::decode_step`](crate::Transformer::decode_step).
 
-use ndarray::{s, Array4, ArrayView4, Axis, Ix4};
+use ndarray::{s, Array4, ArrayView4, Axis, CowArray, Ix4};
 
 use crate::error::{Error, Result};
 use crate::huge_pages;
@@ -19,11 +19,16 @@ use crate::mask::KeyPaddingMask;
 /// reads once, front to back, which is what bounds its attention. Keys are stored transposed
 /// so that the scores of one query, `q Kᵀ`, are a sum of `d_k` rows of `Kᵀ`, each scaled by one
 /// entry of `q`: whole vectors of keys at a time, not one short dot product per key.
+///
+/// Slot `b` of the batch reads stored row `rows[b]`: a cache that is never appended to (the
+/// memory's) is reordered by rewriting `rows` alone, so the beams of one source row share
+/// its keys and values instead of each holding a copy.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyValueCache {
     keys_t: Array4<f32>,
     values: Array4<f32>,
     len: usize,
+    rows: Vec<usize>,
 }
 
 /// `[batch, len, heads, d_k]` → `[batch, heads, len, d_k]`.
@@ -43,18 +48,20 @@ impl KeyValueCache {
             keys_t: Array4::zeros((batch, num_heads, d_k, capacity)),
             values: Array4::zeros((batch, num_heads, capacity, d_k)),
             len: 0,
+            rows: (0..batch).collect(),
         }
     }
 
     /// A full cache from keys and values `[batch, len, num_heads, d_k]` (the encoder memory's).
     pub(crate) fn from_full(keys: Array4<f32>, values: Array4<f32>) -> Self {
-        let len = keys.shape()[1];
+        let (batch, len) = (keys.shape()[0], keys.shape()[1]);
         let reorder =
             |a: Array4<f32>, axes: Ix4| huge_pages::standard_copy(a.view().permuted_axes(axes));
         KeyValueCache {
             keys_t: reorder(keys, HEADS_FIRST_T),
             values: reorder(values, HEADS_FIRST),
             len,
+            rows: (0..batch).collect(),
         }
     }
 
@@ -65,6 +72,10 @@ impl KeyValueCache {
     /// Appends `new` positions, `[batch, new, num_heads, d_k]` each, growing the storage
     /// geometrically when full.
     pub(crate) fn append(&mut self, keys: ArrayView4<f32>, values: ArrayView4<f32>) {
+        debug_assert!(
+            self.is_identity(),
+            "an appended cache holds one stored row a slot"
+        );
         let new = keys.shape()[1];
         let end = self.len + new;
         if end > self.capacity() {
@@ -81,23 +92,37 @@ impl KeyValueCache {
         self.len = end;
     }
 
-    /// Keys and values so far as `[batch, num_heads, len, d_k]` views (the keys' view strided,
-    /// transposed back from their storage).
-    pub(crate) fn heads(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>) {
+    /// Keys and values so far as `[batch, num_heads, len, d_k]` (the keys' view strided,
+    /// transposed back from their storage); copies, slot by slot, when slots share rows.
+    pub(crate) fn heads(&self) -> (CowArray<'_, f32, Ix4>, CowArray<'_, f32, Ix4>) {
         let len = self.len;
-        (
-            self.keys_t
-                .slice(s![.., .., .., ..len])
-                .permuted_axes([0, 1, 3, 2]),
-            self.values.slice(s![.., .., ..len, ..]),
-        )
+        let k = self
+            .keys_t
+            .slice(s![.., .., .., ..len])
+            .permuted_axes([0, 1, 3, 2]);
+        let v = self.values.slice(s![.., .., ..len, ..]);
+        if self.is_identity() {
+            (k.into(), v.into())
+        } else {
+            let rows = &self.rows;
+            (
+                k.select(Axis(0), rows).into(),
+                v.select(Axis(0), rows).into(),
+            )
+        }
     }
 
-    /// The storage itself, keys `[batch, num_heads, d_k, capacity]` and values
-    /// `[batch, num_heads, capacity, d_k]`, both in standard layout, and how many positions of
-    /// it are filled.
-    pub(crate) fn storage(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>, usize) {
-        (self.keys_t.view(), self.values.view(), self.len)
+    /// The storage itself, keys `[rows, num_heads, d_k, capacity]` and values
+    /// `[rows, num_heads, capacity, d_k]`, both in standard layout, how many positions of it
+    /// are filled, and the stored row of each batch slot.
+    pub(crate) fn storage(&self) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>, usize, &[usize]) {
+        (self.keys_t.view(), self.values.view(), self.len, &self.rows)
+    }
+
+    /// Whether slot `b` reads stored row `b`, for every `b`.
+    fn is_identity(&self) -> bool {
+        self.rows.len() == self.keys_t.shape()[0]
+            && self.rows.iter().enumerate().all(|(i, &r)| i == r)
     }
 
     /// Forgets every position from `len` on (the storage stays for reuse).
@@ -105,9 +130,29 @@ impl KeyValueCache {
         self.len = self.len.min(len);
     }
 
+    /// Keeps slots `rows`, copying their keys and values (a cache that grows).
     fn select_rows(&mut self, rows: &[usize]) {
-        self.keys_t = self.keys_t.select(Axis(0), rows);
-        self.values = self.values.select(Axis(0), rows);
+        let stored: Vec<usize> = rows.iter().map(|&r| self.rows[r]).collect();
+        self.keys_t = self.keys_t.select(Axis(0), &stored);
+        self.values = self.values.select(Axis(0), &stored);
+        self.rows = (0..rows.len()).collect();
+    }
+
+    /// Keeps slots `rows` by pointing them at the stored rows they read (a cache that never
+    /// grows): no key or value moves. The storage is compacted when fewer than half of its
+    /// rows are still read (finished batch rows).
+    fn share_rows(&mut self, rows: &[usize]) {
+        self.rows = rows.iter().map(|&r| self.rows[r]).collect();
+        let mut read: Vec<usize> = self.rows.clone();
+        read.sort_unstable();
+        read.dedup();
+        if 2 * read.len() < self.keys_t.shape()[0] {
+            self.keys_t = self.keys_t.select(Axis(0), &read);
+            self.values = self.values.select(Axis(0), &read);
+            for r in &mut self.rows {
+                *r = read.binary_search(r).expect("a row read is kept");
+            }
+        }
     }
 }
 
@@ -211,7 +256,7 @@ impl DecoderCache {
         }
         for layer in &mut self.layers {
             layer.self_attn.select_rows(rows);
-            layer.cross_attn.select_rows(rows);
+            layer.cross_attn.share_rows(rows);
         }
         if let Some(m) = &self.memory_padding {
             self.memory_padding = Some(KeyPaddingMask::from_padding_flags(
@@ -249,6 +294,33 @@ mod tests {
         assert_eq!(k.shape(), &[3, 3, 5, 4]);
         assert_eq!(k[[2, 1, 3, 2]], value(3, 0, 1, 2));
         assert_eq!(v[[0, 2, 4, 1]], -value(4, 1, 2, 1));
+    }
+
+    #[test]
+    fn shared_rows_read_as_copies_would_and_unread_rows_are_dropped() {
+        let keys = Array4::from_shape_fn((3, 5, 2, 4), |(b, t, h, d)| {
+            (1000 * t + 100 * b + 10 * h + d) as f32
+        });
+        let full = |rows: &[usize]| {
+            let k = keys.select(Axis(0), rows);
+            (
+                k.clone().permuted_axes([0, 2, 1, 3]),
+                (-k).permuted_axes([0, 2, 1, 3]),
+            )
+        };
+        let mut c = KeyValueCache::from_full(keys.clone(), keys.mapv(|x| -x));
+        // Beams: slots 0, 1 read row 2; slots 2, 3 read row 0; row 1 is finished.
+        c.share_rows(&[2, 2, 0, 0]);
+        let (k, v) = c.heads();
+        assert_eq!((k.into_owned(), v.into_owned()), full(&[2, 2, 0, 0]));
+        assert_eq!(c.keys_t.shape()[0], 3, "two of three rows read: no copy");
+        c.share_rows(&[3, 0]);
+        let (k, v) = c.heads();
+        assert_eq!((k.into_owned(), v.into_owned()), full(&[0, 2]));
+        c.share_rows(&[1]);
+        assert_eq!(c.keys_t.shape()[0], 1, "one of three rows read: compacted");
+        let (k, v) = c.heads();
+        assert_eq!((k.into_owned(), v.into_owned()), full(&[2]));
     }
 
     #[test]

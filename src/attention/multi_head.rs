@@ -296,14 +296,13 @@ impl MultiHeadAttention {
         let (b, new, _, d_k) = q.dim();
         if new != 1 {
             let (k, v) = cache.heads();
-            return self.attend(heads(q), k, v, mask, None);
+            return self.attend(heads(q), k.view(), v.view(), mask, None);
         }
         let mut concat = Array4::<f32>::zeros((b, 1, self.num_heads, d_k));
-        let (keys_t, values, len) = cache.storage();
+        let (keys_t, values, len, rows) = cache.storage();
         attend_one_query(
             q.index_axis(Axis(1), 0),
-            keys_t,
-            values,
+            (keys_t, values, rows),
             len,
             mask,
             concat.index_axis_mut(Axis(1), 0),

@@ -198,13 +198,13 @@ pub(crate) fn attend_into(
 /// by row.
 pub(crate) fn attend_one_query(
     q: ArrayView3<f32>,
-    keys_t: ArrayView4<f32>,
-    values: ArrayView4<f32>,
+    (keys_t, values, rows): (ArrayView4<f32>, ArrayView4<f32>, &[usize]),
     len: usize,
     mask: &Mask,
     mut out: ArrayViewMut3<f32>,
 ) {
-    let (_, heads, d_k) = q.dim();
+    let (batch, heads, d_k) = q.dim();
+    assert_eq!(rows.len(), batch, "one stored row per query");
     let (capacity, d_v) = (values.shape()[2], values.shape()[3]);
     let scale = 1.0 / (d_k as f32).sqrt();
     let q = q.to_slice().expect("queries in standard layout");
@@ -215,19 +215,21 @@ pub(crate) fn attend_one_query(
         .expect("attention output in standard layout");
     out.par_chunks_mut(d_v)
         .zip(q.par_chunks(d_k))
-        .zip(keys_t.par_chunks(d_k * capacity))
-        .zip(values.par_chunks(capacity * d_v))
         .enumerate()
         .with_min_len(HEADS_PER_TASK)
         .for_each_init(
             || Array2::zeros((1, len)),
-            |scores, (row_head, (((out, q), keys_t), values))| {
+            |scores, (row_head, (out, q))| {
+                // The stored row this query's slot reads (shared by the beams of a source row).
+                let head = rows[row_head / heads] * heads + row_head % heads;
+                let keys_t = &keys_t[head * d_k * capacity..][..d_k * capacity];
+                let values = &values[head * capacity * d_v..][..len * d_v];
                 let row = scores.as_slice_mut().expect("one row");
                 ops::query_scores(q, scale, keys_t, capacity, row);
                 mask.apply(row_head / heads, scores.view_mut());
                 ops::softmax_rows_inplace(scores.view_mut());
                 let weights = scores.as_slice().expect("a row");
-                ops::weighted_rows(weights, &values[..len * d_v], out);
+                ops::weighted_rows(weights, values, out);
             },
         );
 }
@@ -317,7 +319,17 @@ mod tests {
         padding[[1, 2]] = true;
         padding[[1, 5]] = true;
         let padding = KeyPaddingMask::from_padding_flags(padding);
-        for mask in [Mask::none().with_key_padding(&padding), Mask::causal()] {
+        // Three slots reading stored rows 1, 1 and 0, as beams of two source rows would.
+        let rows = [1, 1, 0];
+        let padding3 =
+            KeyPaddingMask::from_padding_flags(padding.is_padding().select(Axis(0), &rows));
+        for (mask, mask3) in [
+            (
+                Mask::none().with_key_padding(&padding),
+                Mask::none().with_key_padding(&padding3),
+            ),
+            (Mask::causal(), Mask::causal()),
+        ] {
             let mut expected = Array4::zeros((b, h, 1, d));
             attend_into(
                 q.view(),
@@ -330,15 +342,36 @@ mod tests {
                 None,
             );
             let mut out = ndarray::Array3::zeros((b, h, d));
+            let identity: Vec<usize> = (0..b).collect();
             attend_one_query(
                 q.index_axis(Axis(2), 0),
-                keys_t.view(),
-                values.view(),
+                (keys_t.view(), values.view(), &identity),
                 len,
                 &mask,
                 out.view_mut(),
             );
             assert_eq!(out, expected.index_axis(Axis(2), 0));
+            // Slots pointing at stored rows read them as copies of those rows would be read.
+            let q3 = q.select(Axis(0), &rows);
+            let (k3, v3) = (keys_t.select(Axis(0), &rows), values.select(Axis(0), &rows));
+            let mut copied = ndarray::Array3::zeros((3, h, d));
+            let mut shared = ndarray::Array3::zeros((3, h, d));
+            let identity3: Vec<usize> = (0..3).collect();
+            attend_one_query(
+                q3.index_axis(Axis(2), 0),
+                (k3.view(), v3.view(), &identity3),
+                len,
+                &mask3,
+                copied.view_mut(),
+            );
+            attend_one_query(
+                q3.index_axis(Axis(2), 0),
+                (keys_t.view(), values.view(), &rows),
+                len,
+                &mask3,
+                shared.view_mut(),
+            );
+            assert_eq!(shared, copied);
         }
     }
 
