@@ -6,7 +6,7 @@
 //! token and appends its key and value. The layers never mutate themselves; the cache is a
 //! value passed to [`Transformer::decode_step`](crate::Transformer::decode_step).
 
-use ndarray::{s, Array4, ArrayView4, Axis, CowArray, Ix4};
+use ndarray::{s, Array3, Array4, ArrayView4, Axis, CowArray, Ix4};
 
 use crate::error::{Error, Result};
 use crate::huge_pages;
@@ -130,11 +130,64 @@ impl KeyValueCache {
         self.len = self.len.min(len);
     }
 
-    /// Keeps slots `rows`, copying their keys and values (a cache that grows).
+    /// Keeps slots `rows`, copying their keys and values (a cache that grows): in place, only
+    /// the slots whose source changes and only their filled positions, so that a beam-search
+    /// step costs what its reordering moves, not the whole cache.
     fn select_rows(&mut self, rows: &[usize]) {
-        let stored: Vec<usize> = rows.iter().map(|&r| self.rows[r]).collect();
-        self.keys_t = self.keys_t.select(Axis(0), &stored);
-        self.values = self.values.select(Axis(0), &stored);
+        debug_assert!(
+            self.is_identity(),
+            "a growing cache holds one stored row a slot"
+        );
+        let len = self.len;
+        if rows.len() > self.keys_t.shape()[0] {
+            // More slots than stored rows (beams opening): new storage, filled positions copied.
+            let (_, heads, d_k, capacity) = self.keys_t.dim();
+            let d_v = self.values.shape()[3];
+            let mut keys_t = Array4::zeros((rows.len(), heads, d_k, capacity));
+            let mut values = Array4::zeros((rows.len(), heads, capacity, d_v));
+            for (i, &r) in rows.iter().enumerate() {
+                keys_t
+                    .slice_mut(s![i, .., .., ..len])
+                    .assign(&self.keys_t.slice(s![r, .., .., ..len]));
+                values
+                    .slice_mut(s![i, .., ..len, ..])
+                    .assign(&self.values.slice(s![r, .., ..len, ..]));
+            }
+            (self.keys_t, self.values) = (keys_t, values);
+        } else {
+            // A source that some slot overwrites is set aside before any slot is written.
+            let overwritten = |r: usize| r < rows.len() && rows[r] != r;
+            let mut kept: Vec<(usize, Array3<f32>, Array3<f32>)> = Vec::new();
+            for (i, &r) in rows.iter().enumerate() {
+                if r != i && overwritten(r) && !kept.iter().any(|(k, ..)| *k == r) {
+                    let k = self.keys_t.slice(s![r, .., .., ..len]).to_owned();
+                    let v = self.values.slice(s![r, .., ..len, ..]).to_owned();
+                    kept.push((r, k, v));
+                }
+            }
+            for (i, &r) in rows.iter().enumerate() {
+                if r == i {
+                    continue;
+                }
+                let (keys_t, values) = (&mut self.keys_t, &mut self.values);
+                match kept.iter().find(|(k, ..)| *k == r) {
+                    Some((_, k, v)) => {
+                        keys_t.slice_mut(s![i, .., .., ..len]).assign(k);
+                        values.slice_mut(s![i, .., ..len, ..]).assign(v);
+                    }
+                    None => {
+                        let (mut to, from) =
+                            keys_t.multi_slice_mut((s![i, .., .., ..len], s![r, .., .., ..len]));
+                        to.assign(&from);
+                        let (mut to, from) =
+                            values.multi_slice_mut((s![i, .., ..len, ..], s![r, .., ..len, ..]));
+                        to.assign(&from);
+                    }
+                }
+            }
+            self.keys_t.slice_collapse(s![..rows.len(), .., .., ..]);
+            self.values.slice_collapse(s![..rows.len(), .., .., ..]);
+        }
         self.rows = (0..rows.len()).collect();
     }
 
@@ -294,6 +347,41 @@ mod tests {
         assert_eq!(k.shape(), &[3, 3, 5, 4]);
         assert_eq!(k[[2, 1, 3, 2]], value(3, 0, 1, 2));
         assert_eq!(v[[0, 2, 4, 1]], -value(4, 1, 2, 1));
+    }
+
+    #[test]
+    fn reordering_in_place_moves_what_a_copy_would() {
+        let value =
+            |t: usize, b: usize, h: usize, d: usize| (1000 * t + 100 * b + 10 * h + d) as f32;
+        let mut c = KeyValueCache::with_capacity(3, 8, 2, 4);
+        for t in 0..3 {
+            let k = Array4::from_shape_fn((3, 1, 2, 4), |(b, _, h, d)| value(t, b, h, d));
+            c.append(k.view(), (-&k).view());
+        }
+        // Reference: the rows each slot holds, followed through every selection.
+        let mut holds: Vec<usize> = vec![0, 1, 2];
+        for rows in [
+            &[1, 0, 2][..],
+            &[2, 2, 0],
+            &[0, 0, 1, 1, 2],
+            &[4, 1],
+            &[1, 1, 0],
+        ] {
+            c.select_rows(rows);
+            holds = rows.iter().map(|&r| holds[r]).collect();
+            let (k, v) = c.heads();
+            assert_eq!(k.shape(), &[rows.len(), 2, 3, 4]);
+            for ((slot, h, t, d), &key) in k.indexed_iter() {
+                assert_eq!(key, value(t, holds[slot], h, d), "after {rows:?}");
+                assert_eq!(v[[slot, h, t, d]], -key);
+            }
+        }
+        // Appending after the reorders writes each slot's new position.
+        let k = Array4::from_shape_fn((3, 1, 2, 4), |(b, _, h, d)| value(3, 10 + b, h, d));
+        c.append(k.view(), (-&k).view());
+        let (k, _) = c.heads();
+        assert_eq!(k[[2, 1, 3, 0]], value(3, 12, 1, 0));
+        assert_eq!(k[[2, 1, 2, 0]], value(2, holds[2], 1, 0));
     }
 
     #[test]
