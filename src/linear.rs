@@ -47,6 +47,9 @@ enum Stored {
     /// `W` as int8 values with one scale per output row ([`Precision::Int8`]); with the f32
     /// table it was made from when the layer is tied to one.
     Int8(ops::Int8Weight, Option<ArcArray<f32, Ix2>>),
+    /// `W` as bf16 values in panels ([`Precision::Bf16`]); with the f32 table it was made from
+    /// when the layer is tied to one.
+    Bf16(ops::Bf16Weight, Option<ArcArray<f32, Ix2>>),
 }
 
 impl Linear {
@@ -117,6 +120,7 @@ impl Linear {
             Stored::Panels(p) => p.shape()[1],
             Stored::Rows(w) => w.ncols(),
             Stored::Int8(q, _) => q.in_features(),
+            Stored::Bf16(w, _) => w.in_features(),
         }
     }
 
@@ -125,20 +129,25 @@ impl Linear {
         match &self.weight {
             Stored::Panels(_) | Stored::Rows(_) => Precision::F32,
             Stored::Int8(..) => Precision::Int8,
+            Stored::Bf16(..) => Precision::Bf16,
         }
     }
 
     /// Converts the weight to `precision` in place (the bias stays f32).
     ///
-    /// To [`Precision::Int8`]: one symmetric scale per output row. Back to
-    /// [`Precision::F32`]: the int8 values times their scales (what the int8 products use),
-    /// or the table itself for a projection tied to one.
+    /// To [`Precision::Int8`]: one symmetric scale per output row. To [`Precision::Bf16`]:
+    /// each weight rounded to the nearest bf16, ties to even. Back to [`Precision::F32`]: the
+    /// int8 values times their scales or the bf16 values widened (what the products use), or
+    /// the table itself for a projection tied to one. From one reduced precision to the other:
+    /// through that f32 weight (Int8 → Bf16 rounds the dequantized int8 weights).
     ///
     /// # Errors
     /// [`Error::NonFinite`] (named `weight`) if the weight holds NaN or ±∞; [`Error::Config`] if
-    /// `in_features` is more than int8 sums can hold (131072).
+    /// `in_features` is more than int8 sums can hold (131072), or if a weight is beyond bf16's
+    /// range (about ±3.39e38) for [`Precision::Bf16`].
     pub fn quantize(&mut self, precision: Precision) -> Result<()> {
         check_int8_widths(self, precision)?;
+        check_bf16_range(self, precision)?;
         match (precision, &self.weight) {
             (Precision::F32, Stored::Int8(q, tied)) => {
                 self.weight = match tied {
@@ -158,16 +167,42 @@ impl Linear {
                 };
                 self.weight = Stored::Int8(q, tied);
             }
-            (Precision::F32, _) | (Precision::Int8, Stored::Int8(..)) => {}
+            (Precision::F32, Stored::Bf16(w, tied)) => {
+                self.weight = match tied {
+                    Some(table) => Stored::Rows(table.clone()),
+                    None => Stored::Panels(ops::pack_panels(w.dequantize().t()).into_shared()),
+                };
+            }
+            (Precision::Bf16, Stored::Panels(_) | Stored::Rows(_)) => {
+                let w = {
+                    let w = self.weight_view();
+                    first_non_finite("weight", w.view().into_dyn())?;
+                    ops::Bf16Weight::from_f32(w.view())
+                };
+                let tied = match &self.weight {
+                    Stored::Rows(table) => Some(table.clone()),
+                    _ => None,
+                };
+                self.weight = Stored::Bf16(w, tied);
+            }
+            // Between the reduced precisions: through the f32 weight.
+            (Precision::Int8, Stored::Bf16(..)) | (Precision::Bf16, Stored::Int8(..)) => {
+                self.quantize(Precision::F32)?;
+                self.quantize(precision)?;
+            }
+            (Precision::F32, _)
+            | (Precision::Int8, Stored::Int8(..))
+            | (Precision::Bf16, Stored::Bf16(..)) => {}
         }
         Ok(())
     }
 
-    /// Bytes of the int8 copy a tied projection keeps of its table (0 otherwise): memory the
-    /// parameter walk, which reports the table once, does not count.
+    /// Bytes of the int8 or bf16 copy a tied projection keeps of its table (0 otherwise):
+    /// memory the parameter walk, which reports the table once, does not count.
     pub(crate) fn tied_copy_bytes(&self) -> usize {
         match &self.weight {
             Stored::Int8(q, Some(_)) => q.bytes(),
+            Stored::Bf16(w, Some(_)) => w.bytes(),
             _ => 0,
         }
     }
@@ -188,6 +223,7 @@ impl Linear {
             Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
             Stored::Rows(w) => w.view().into(),
             Stored::Int8(q, _) => q.dequantize().into(),
+            Stored::Bf16(w, _) => w.dequantize().into(),
         }
     }
 
@@ -197,6 +233,7 @@ impl Linear {
             Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
             Stored::Rows(w) => ops::Weight::Plain(w.view()),
             Stored::Int8(q, _) => ops::Weight::Int8(q),
+            Stored::Bf16(w, _) => ops::Weight::Bf16(w),
         }
     }
 
@@ -269,6 +306,7 @@ impl Linear {
 /// are finite first, with the error naming the tensor in the model's own names.
 pub(crate) fn quantize_linears(model: &mut dyn Linears, precision: Precision) -> Result<()> {
     check_int8_widths(model, precision)?;
+    check_bf16_range(model, precision)?;
     model.linears_mut(&mut |l| l.quantize(precision))
 }
 
@@ -293,6 +331,27 @@ pub(crate) fn check_int8_widths(model: &mut dyn Linears, precision: Precision) -
     })
 }
 
+/// Checks, before anything is converted, that every weight of `model` is within bf16's range
+/// when converting to [`Precision::Bf16`]: a finite f32 of magnitude 3.39e38 or more would
+/// round to ±∞. Non-finite weights are left to the finiteness checks, which name them.
+pub(crate) fn check_bf16_range(model: &mut dyn Linears, precision: Precision) -> Result<()> {
+    if precision != Precision::Bf16 {
+        return Ok(());
+    }
+    model.linears_mut(&mut |l| {
+        if l.precision() == Precision::Bf16 {
+            return Ok(());
+        }
+        match ops::bf16_first_out_of_range(l.weight_view().view()) {
+            Some((index, value)) => Err(Error::config(
+                "precision",
+                format!("bf16 cannot hold the weight {value:e} at {index:?}; it would be ±∞"),
+            )),
+            None => Ok(()),
+        }
+    })
+}
+
 /// A layer that holds linear layers: the mutable walk that converts them in place
 /// ([`Linear::quantize`]). Each layer calls `f` on its own linear layers and passes it to its
 /// sub-layers, in the order of the parameter walk.
@@ -311,8 +370,9 @@ impl Parameters for Linear {
         match &self.weight {
             Stored::Panels(p) => f("weight", Tensor::Panels(p.view(), self.out_features)),
             Stored::Int8(q, None) => f("weight", Tensor::Int8(q)),
+            Stored::Bf16(w, None) => f("weight", Tensor::Bf16(w)),
             // A tied weight is reported by the table that owns it.
-            Stored::Rows(_) | Stored::Int8(_, Some(_)) => {}
+            Stored::Rows(_) | Stored::Int8(_, Some(_)) | Stored::Bf16(_, Some(_)) => {}
         }
         if let Some(b) = &self.bias {
             f("bias", Tensor::Plain(b.view().into_dyn()));
@@ -328,7 +388,7 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
         .iter()
         .map(|l| match &l.weight {
             Stored::Panels(p) => Some(p),
-            Stored::Rows(_) | Stored::Int8(..) => None,
+            Stored::Rows(_) | Stored::Int8(..) | Stored::Bf16(..) => None,
         })
         .collect();
     let Some(panels) = panels else {

@@ -11,6 +11,12 @@ use std::fmt;
 /// and scaled back by both scales. The weights take a quarter of the memory and are read four
 /// times faster. Embedding tables, LayerNorm, softmax, residuals and the KV cache stay f32. A
 /// tied output projection gets its own int8 copy of the table.
+/// [`Bf16`](Precision::Bf16) is opt-in too: each weight is rounded to the nearest bfloat16
+/// (ties to even), half of the f32 bytes, and widened back exactly when a layer runs; the
+/// activations stay f32 and the products are summed in f32. Embedding tables, LayerNorm,
+/// softmax, residuals and the KV cache stay f32 here too (a tied output projection gets its own
+/// bf16 copy of the table, the table itself stays f32). Converting between two reduced
+/// precisions goes through the f32 weight that [`F32`](Precision::F32) would give back.
 ///
 /// ```
 /// # use rand::{rngs::StdRng, SeedableRng};
@@ -30,6 +36,8 @@ pub enum Precision {
     F32,
     /// int8 weights with one scale per output row; int8 activations with one scale per row.
     Int8,
+    /// bfloat16 weights (8 significant bits, f32's range); f32 activations and sums.
+    Bf16,
 }
 
 impl fmt::Display for Precision {
@@ -37,6 +45,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         })
     }
 }
