@@ -26,6 +26,9 @@ use std::fmt;
 /// let mut model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
 /// model.quantize(Precision::Int8)?;
 /// assert_eq!(model.precision(), Precision::Int8);
+/// model.quantize(Precision::Bf16)?; // through the int8 weights' f32 values
+/// assert_eq!(model.precision(), Precision::Bf16);
+/// assert_eq!(Precision::Bf16.to_string(), "bf16");
 /// # Ok::<(), ndtransformer::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -486,7 +486,17 @@ fn batch(x: ArrayView2<f32>, w: &Bf16Weight, bias: Option<&[f32]>, y: ArrayViewM
 /// zero-extensions and shifts).
 #[multiversion::multiversion(targets("x86_64+avx2"))]
 fn widen(src: &[u16], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
+    let len = src.len().min(dst.len());
+    let (src, dst) = (&src[..len], &mut dst[..len]);
+    // Fixed-length chunks, which the compiler turns into whole-register steps.
+    let mut d = dst.chunks_exact_mut(16);
+    let mut s = src.chunks_exact(16);
+    for (d, s) in d.by_ref().zip(s.by_ref()) {
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d = to_f32(s);
+        }
+    }
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
         *d = to_f32(s);
     }
 }
