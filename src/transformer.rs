@@ -281,13 +281,13 @@ impl Transformer {
 
     /// Converts every linear layer (the attention projections, the feed-forward layers and the
     /// output projection) to `precision`, in place; embedding tables, norms and biases stay
-    /// f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 values'
-    /// rounding: it does not restore the original weights.
+    /// f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 or bf16
+    /// values' rounding: it does not restore the original weights.
     ///
     /// # Errors
     /// [`Error::NonFinite`] naming the tensor if a parameter is NaN or infinite, and
-    /// [`Error::Config`] if a layer is wider than int8 sums can hold; the model is unchanged
-    /// then.
+    /// [`Error::Config`] if a layer is wider than int8 sums can hold or a weight is beyond
+    /// bf16's range; the model is unchanged then.
     pub fn quantize(&mut self, precision: Precision) -> Result<()> {
         if precision == self.precision() {
             return Ok(());
@@ -303,7 +303,7 @@ impl Transformer {
         self.output.precision()
     }
 
-    /// Bytes the parameters take as stored, with a tied output projection's int8 copy.
+    /// Bytes the parameters take as stored, with a tied output projection's int8 or bf16 copy.
     pub fn parameter_bytes(&self) -> usize {
         parameters::bytes(self) + self.output.tied_copy_bytes()
     }

@@ -265,3 +265,31 @@ fn a_bf16_forward_stays_close_to_f32_and_does_not_depend_on_the_thread_count() {
     };
     assert_eq!(run(1), run(2));
 }
+
+#[test]
+fn weights_bf16_cannot_hold_are_errors_that_name_them_and_leave_the_layer_unchanged() {
+    use ndtransformer::{Error, Linear};
+    let mut w = Array2::from_shape_fn((3, 4), |(o, i)| (o * 4 + i) as f32 * 0.1);
+    w[[1, 2]] = f32::NAN;
+    let mut nan = Linear::new(w.clone(), None).unwrap();
+    let err = nan.quantize(Precision::Bf16).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { index, .. } if index == &[1, 2]),
+        "{err}"
+    );
+    // Finite, but beyond bf16's largest value (3.39e38): it would round to infinity.
+    w[[1, 2]] = f32::MAX;
+    let mut huge = Linear::new(w.clone(), None).unwrap();
+    let err = huge.quantize(Precision::Bf16).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { .. }) && err.to_string().contains("[1, 2]"),
+        "{err}"
+    );
+    assert_eq!(huge.precision(), Precision::F32);
+    assert_eq!(huge.weight(), w);
+    // bf16's largest finite value converts, and stays.
+    w[[1, 2]] = f32::from_bits(0x7F7F_0000);
+    let mut largest = Linear::new(w.clone(), None).unwrap();
+    largest.quantize(Precision::Bf16).unwrap();
+    assert_eq!(largest.weight()[[1, 2]], w[[1, 2]]);
+}
