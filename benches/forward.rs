@@ -5,6 +5,7 @@
 //! - `model/encoder_8x128`: the encoder stack (6 layers + final norm) on 8 × 128 embedded tokens;
 //! - `model/forward_logits_8x128`: ids to logits, 8 × 128 source and target, vocabulary 32000;
 //! - `model/encoder_1x32`: the encoder stack on one 32-token sequence (latency);
+//! - `model_bf16/*`, `model_int8/*`: both encoder workloads with bf16 or int8 linear layers;
 //! - `ops/*`: one linear layer, attention, softmax and LayerNorm at the model's shapes, and a
 //!   large square product that gives the matrix-multiply ceiling.
 //!
@@ -89,6 +90,20 @@ fn bench_model(c: &mut Criterion) {
         b.iter(|| black_box(model.encoder().forward(x1.view(), &Mask::none()).unwrap()))
     });
     group.finish();
+
+    // The same model with bf16 linear weights (`Precision::Bf16`).
+    let mut bf16 = model.clone();
+    bf16.quantize(Precision::Bf16).expect("finite weights");
+    let mut group = c.benchmark_group("model_bf16");
+    group.sample_size(20);
+    group.bench_function("encoder_8x128", |b| {
+        b.iter(|| black_box(bf16.encoder().forward(x.view(), &Mask::none()).unwrap()))
+    });
+    group.bench_function("encoder_1x32", |b| {
+        b.iter(|| black_box(bf16.encoder().forward(x1.view(), &Mask::none()).unwrap()))
+    });
+    group.finish();
+    drop(bf16);
 
     // The same model with int8 linear layers (`Precision::Int8`).
     let mut int8 = model;

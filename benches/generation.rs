@@ -6,7 +6,7 @@
 //!
 //! `greedy_generation/beam_4_64_tokens_with_encoder` runs §6.1's beam search (4 beams) to 64
 //! tokens. `generation_int8` repeats the cached step and both generations with int8 linear
-//! layers.
+//! layers, `generation_bf16` the cached step with bf16 linear weights.
 //!
 //! The `memory/read_1GiB` bench measures the read bandwidth that bounds a cached step, which
 //! streams the decoder's weights and the output projection once.
@@ -89,6 +89,27 @@ fn bench_generation(c: &mut Criterion) {
         b.iter(|| black_box(model.beam_search(src.view(), None, &beam).unwrap()))
     });
     group.finish();
+
+    // The same model with bf16 linear weights: a cached step streams half of the bytes.
+    let mut bf16 = model.clone();
+    bf16.quantize(Precision::Bf16).expect("finite weights");
+    let memory = bf16.encode(src.view(), None).unwrap();
+    let mut group = c.benchmark_group("generation_bf16");
+    group.sample_size(10);
+    let step = 32;
+    let mut cache = bf16.start_decoding(memory.view(), None).unwrap();
+    for t in 0..step - 1 {
+        bf16.decode_step(tgt.column(t), &mut cache).unwrap();
+    }
+    group.bench_function(format!("cached/step_{step}"), |b| {
+        b.iter(|| {
+            let logits = bf16.decode_step(tgt.column(step - 1), &mut cache).unwrap();
+            cache.truncate(step - 1).unwrap();
+            black_box(logits)
+        })
+    });
+    group.finish();
+    drop((cache, bf16));
 
     // The same model with int8 linear layers: a cached step streams a quarter of the bytes.
     let mut int8 = model;

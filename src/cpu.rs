@@ -23,6 +23,9 @@
 //!   AMX products. They are kept from one product to the next so that they are not fresh pages
 //!   each time. Every product overwrites what it reads, so no value passes through them from
 //!   one call to another.
+//! - `SCRATCH` (`ops/bf16.rs`), a per-thread buffer for the f32 widening of the bf16 weight
+//!   panel a batch product works on, kept for the same reason and overwritten by each product
+//!   before it is read.
 //!
 //! None of these changes a result, except that the AMX path sums in another order than the
 //! AVX-512 kernels (within f32 rounding, `docs/gemm_backends.md`).

@@ -49,6 +49,9 @@ enum Stored {
     Int8(ops::Int8Weight),
     /// An int8 embedding table the layer is tied to, shared.
     TiedInt8(ops::Int8Weight),
+    /// `W` as bf16 values in panels ([`Precision::Bf16`]); with the f32 table it was made from
+    /// when the layer is tied to one (tables stay f32 under bf16).
+    Bf16(ops::Bf16Weight, Option<ArcArray<f32, Ix2>>),
 }
 
 impl Linear {
@@ -118,7 +121,10 @@ impl Linear {
 
     /// Whether the weight is an embedding table's, shared.
     pub(crate) fn is_tied(&self) -> bool {
-        matches!(self.weight, Stored::Rows(_) | Stored::TiedInt8(_))
+        matches!(
+            self.weight,
+            Stored::Rows(_) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_))
+        )
     }
 
     /// Reads `{weight, bias}` of an `[out, in]` layer from `scope`, the weight in the
@@ -145,6 +151,7 @@ impl Linear {
             Stored::Panels(p) => p.shape()[1],
             Stored::Rows(w) => w.ncols(),
             Stored::Int8(q) | Stored::TiedInt8(q) => q.in_features(),
+            Stored::Bf16(w, _) => w.in_features(),
         }
     }
 
@@ -153,21 +160,27 @@ impl Linear {
         match &self.weight {
             Stored::Panels(_) | Stored::Rows(_) => Precision::F32,
             Stored::Int8(_) | Stored::TiedInt8(_) => Precision::Int8,
+            Stored::Bf16(..) => Precision::Bf16,
         }
     }
 
     /// Converts the weight to `precision` in place (the bias stays f32).
     ///
-    /// To [`Precision::Int8`]: one symmetric scale per output row. Back to
-    /// [`Precision::F32`]: the int8 values times their scales (what the int8 products use).
-    /// A layer tied to an embedding table gets a weight of its own (models convert the table
+    /// To [`Precision::Int8`]: one symmetric scale per output row. To [`Precision::Bf16`]:
+    /// each weight rounded to the nearest bf16, ties to even. Back to [`Precision::F32`]: the
+    /// int8 values times their scales or the bf16 values widened (what the products use), or
+    /// the table itself for a bf16 projection tied to one. From one reduced precision to the
+    /// other: through that f32 weight (Int8 → Bf16 rounds the dequantized int8 weights). A
+    /// layer tied to an int8 embedding table gets a weight of its own (models convert the table
     /// and keep the tie).
     ///
     /// # Errors
     /// [`Error::NonFinite`] (named `weight`) if the weight holds NaN or ±∞; [`Error::Config`] if
-    /// `in_features` is more than int8 sums can hold (131072).
+    /// `in_features` is more than int8 sums can hold (131072), or if a weight is beyond bf16's
+    /// range (about ±3.39e38) for [`Precision::Bf16`].
     pub fn quantize(&mut self, precision: Precision) -> Result<()> {
         check_int8_widths(self, precision)?;
+        check_bf16_range(self, precision)?;
         match (precision, &self.weight) {
             (Precision::F32, Stored::Int8(q) | Stored::TiedInt8(q)) => {
                 self.weight = Stored::Panels(ops::pack_panels(q.dequantize().t()).into_shared());
@@ -181,9 +194,44 @@ impl Linear {
                 self.weight = Stored::Int8(q);
             }
             (Precision::Int8, Stored::TiedInt8(q)) => self.weight = Stored::Int8(q.clone()),
-            (Precision::F32, _) | (Precision::Int8, Stored::Int8(_)) => {}
+            (Precision::F32, Stored::Bf16(w, tied)) => {
+                self.weight = match tied {
+                    Some(table) => Stored::Rows(table.clone()),
+                    None => Stored::Panels(ops::pack_panels(w.dequantize().t()).into_shared()),
+                };
+            }
+            (Precision::Bf16, Stored::Panels(_) | Stored::Rows(_)) => {
+                let w = {
+                    let w = self.weight_view();
+                    first_non_finite("weight", w.view().into_dyn())?;
+                    ops::Bf16Weight::from_f32(w.view())
+                };
+                let tied = match &self.weight {
+                    Stored::Rows(table) => Some(table.clone()),
+                    _ => None,
+                };
+                self.weight = Stored::Bf16(w, tied);
+            }
+            // Between the reduced precisions: through the f32 weight.
+            (Precision::Int8, Stored::Bf16(..))
+            | (Precision::Bf16, Stored::Int8(_) | Stored::TiedInt8(_)) => {
+                self.quantize(Precision::F32)?;
+                self.quantize(precision)?;
+            }
+            (Precision::F32, _)
+            | (Precision::Int8, Stored::Int8(_))
+            | (Precision::Bf16, Stored::Bf16(..)) => {}
         }
         Ok(())
+    }
+
+    /// Bytes of the bf16 copy a tied projection keeps of its f32 table (0 otherwise): memory
+    /// the parameter walk, which reports the table once, does not count.
+    pub(crate) fn tied_copy_bytes(&self) -> usize {
+        match &self.weight {
+            Stored::Bf16(w, Some(_)) => w.bytes(),
+            _ => 0,
+        }
     }
 
     /// Output width.
@@ -202,6 +250,7 @@ impl Linear {
             Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
             Stored::Rows(w) => w.view().into(),
             Stored::Int8(q) | Stored::TiedInt8(q) => q.dequantize().into(),
+            Stored::Bf16(w, _) => w.dequantize().into(),
         }
     }
 
@@ -211,6 +260,7 @@ impl Linear {
             Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
             Stored::Rows(w) => ops::Weight::Plain(w.view()),
             Stored::Int8(q) | Stored::TiedInt8(q) => ops::Weight::Int8(q),
+            Stored::Bf16(w, _) => ops::Weight::Bf16(w),
         }
     }
 
@@ -283,6 +333,7 @@ impl Linear {
 /// are finite first, with the error naming the tensor in the model's own names.
 pub(crate) fn quantize_linears(model: &mut dyn Linears, precision: Precision) -> Result<()> {
     check_int8_widths(model, precision)?;
+    check_bf16_range(model, precision)?;
     model.linears_mut(&mut |l| l.quantize(precision))
 }
 
@@ -307,6 +358,27 @@ pub(crate) fn check_int8_widths(model: &mut dyn Linears, precision: Precision) -
     })
 }
 
+/// Checks, before anything is converted, that every weight of `model` is within bf16's range
+/// when converting to [`Precision::Bf16`]: a finite f32 of magnitude 3.39e38 or more would
+/// round to ±∞. Non-finite weights are left to the finiteness checks, which name them.
+pub(crate) fn check_bf16_range(model: &mut dyn Linears, precision: Precision) -> Result<()> {
+    if precision != Precision::Bf16 {
+        return Ok(());
+    }
+    model.linears_mut(&mut |l| {
+        if l.precision() == Precision::Bf16 {
+            return Ok(());
+        }
+        match ops::bf16_first_out_of_range(l.weight_view().view()) {
+            Some((index, value)) => Err(Error::config(
+                "precision",
+                format!("bf16 cannot hold the weight {value:e} at {index:?}; it would be ±∞"),
+            )),
+            None => Ok(()),
+        }
+    })
+}
+
 /// A layer that holds linear layers: the mutable walk that converts them in place
 /// ([`Linear::quantize`]). Each layer calls `f` on its own linear layers and passes it to its
 /// sub-layers, in the order of the parameter walk.
@@ -325,8 +397,9 @@ impl Parameters for Linear {
         match &self.weight {
             Stored::Panels(p) => f("weight", Tensor::Panels(p.view(), self.out_features)),
             Stored::Int8(q) => f("weight", Tensor::Int8(q)),
+            Stored::Bf16(w, None) => f("weight", Tensor::Bf16(w)),
             // A tied weight is reported by the table that owns it.
-            Stored::Rows(_) | Stored::TiedInt8(_) => {}
+            Stored::Rows(_) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_)) => {}
         }
         if let Some(b) = &self.bias {
             f("bias", Tensor::Plain(b.view().into_dyn()));
@@ -342,7 +415,7 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
         .iter()
         .map(|l| match &l.weight {
             Stored::Panels(p) => Some(p),
-            Stored::Rows(_) | Stored::Int8(_) | Stored::TiedInt8(_) => None,
+            Stored::Rows(_) | Stored::Int8(_) | Stored::TiedInt8(_) | Stored::Bf16(..) => None,
         })
         .collect();
     let Some(panels) = panels else {

@@ -25,6 +25,8 @@ pub(crate) enum Tensor<'a> {
     Panels(ArrayView3<'a, f32>, usize),
     /// A linear layer's weight `[out, in]` as int8 values with one scale per output row.
     Int8(&'a ops::Int8Weight),
+    /// A linear layer's weight `[out, in]` as bf16 values, in panels.
+    Bf16(&'a ops::Bf16Weight),
 }
 
 impl<'a> Tensor<'a> {
@@ -34,6 +36,7 @@ impl<'a> Tensor<'a> {
             Tensor::Plain(t) => t.shape().to_vec(),
             Tensor::Panels(p, out) => vec![*out, p.shape()[1]],
             Tensor::Int8(q) => vec![q.out_features(), q.in_features()],
+            Tensor::Bf16(w) => vec![w.out_features(), w.in_features()],
         }
     }
 
@@ -43,12 +46,13 @@ impl<'a> Tensor<'a> {
     }
 
     /// Bytes the tensor takes as stored (panels with their padding, int8 values with their
-    /// scales).
+    /// scales, bf16 values two bytes each).
     pub(crate) fn bytes(&self) -> usize {
         match self {
             Tensor::Plain(t) => 4 * t.len(),
             Tensor::Panels(p, _) => 4 * p.len(),
             Tensor::Int8(q) => q.bytes(),
+            Tensor::Bf16(w) => w.bytes(),
         }
     }
 
@@ -58,6 +62,7 @@ impl<'a> Tensor<'a> {
             Tensor::Plain(t) => t.clone().into(),
             Tensor::Panels(p, out) => ops::unpack_panels(*p, *out).into_dyn().into(),
             Tensor::Int8(q) => q.dequantize().into_dyn().into(),
+            Tensor::Bf16(w) => w.dequantize().into_dyn().into(),
         }
     }
 
@@ -71,6 +76,10 @@ impl<'a> Tensor<'a> {
             Tensor::Int8(q) => {
                 q.stored().iter().step_by(step).for_each(|v| v.hash(h));
                 ndarray::ArrayView1::from(q.scales()).into_dyn()
+            }
+            Tensor::Bf16(w) => {
+                w.stored().iter().step_by(step).for_each(|v| v.hash(h));
+                return;
             }
         };
         floats
@@ -117,15 +126,16 @@ pub(crate) fn bytes(model: &dyn Parameters) -> usize {
     n
 }
 
-/// [`Precision::Int8`] if `model` holds an int8 tensor, else [`Precision::F32`].
+/// [`Precision::Int8`] if `model` holds an int8 tensor, [`Precision::Bf16`] if a bf16 one,
+/// else [`Precision::F32`].
 pub(crate) fn precision(model: &dyn Parameters) -> Precision {
-    let mut int8 = false;
-    model.visit(&mut |_, t| int8 |= matches!(t, Tensor::Int8(_)));
-    if int8 {
-        Precision::Int8
-    } else {
-        Precision::F32
-    }
+    let mut precision = Precision::F32;
+    model.visit(&mut |_, t| match t {
+        Tensor::Int8(_) => precision = Precision::Int8,
+        Tensor::Bf16(_) => precision = Precision::Bf16,
+        _ => {}
+    });
+    precision
 }
 
 /// The first NaN or infinity of `tensor` (in row-major order) as an [`Error::NonFinite`].

@@ -12,6 +12,12 @@ use std::fmt;
 /// times faster. Token embedding tables are stored the same way, one scale per token, and an
 /// output projection tied to one shares its int8 values. LayerNorm, softmax, residuals, the
 /// position and token-type tables and the KV cache stay f32.
+/// [`Bf16`](Precision::Bf16) is opt-in too: each weight is rounded to the nearest bfloat16
+/// (ties to even), half of the f32 bytes, and widened back exactly when a layer runs; the
+/// activations stay f32 and the products are summed in f32. Embedding tables, LayerNorm,
+/// softmax, residuals and the KV cache stay f32 here (a tied output projection gets its own
+/// bf16 copy of the table). Converting between two reduced precisions goes through the f32
+/// weight that [`F32`](Precision::F32) would give back.
 ///
 /// ```
 /// # use rand::{rngs::StdRng, SeedableRng};
@@ -21,6 +27,9 @@ use std::fmt;
 /// let mut model = Transformer::new(config, &mut StdRng::seed_from_u64(0))?;
 /// model.quantize(Precision::Int8)?;
 /// assert_eq!(model.precision(), Precision::Int8);
+/// model.quantize(Precision::Bf16)?; // through the int8 weights' f32 values
+/// assert_eq!(model.precision(), Precision::Bf16);
+/// assert_eq!(Precision::Bf16.to_string(), "bf16");
 /// # Ok::<(), ndtransformer::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -31,6 +40,8 @@ pub enum Precision {
     F32,
     /// int8 weights with one scale per output row; int8 activations with one scale per row.
     Int8,
+    /// bfloat16 weights (8 significant bits, f32's range); f32 activations and sums.
+    Bf16,
 }
 
 impl fmt::Display for Precision {
@@ -38,6 +49,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         })
     }
 }

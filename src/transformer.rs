@@ -282,15 +282,16 @@ impl Transformer {
     }
 
     /// Converts every linear layer (the attention projections, the feed-forward layers and the
-    /// output projection) and the token embedding tables to `precision`, in place; a tied
-    /// output projection keeps sharing its table. Norms, biases and the positional encoding
-    /// stay f32 ([`Precision`]). Converting back to [`Precision::F32`] keeps the int8 values'
-    /// rounding: it does not restore the original weights.
+    /// output projection) to `precision`, in place, and at [`Precision::Int8`] the token
+    /// embedding tables too, which a tied output projection keeps sharing (at
+    /// [`Precision::Bf16`] it gets a bf16 copy of its f32 table). Norms, biases and the
+    /// positional encoding stay f32 ([`Precision`]). Converting back to [`Precision::F32`]
+    /// keeps the int8 or bf16 values' rounding: it does not restore the original weights.
     ///
     /// # Errors
     /// [`Error::NonFinite`] naming the tensor if a parameter is NaN or infinite, and
-    /// [`Error::Config`] if a layer is wider than int8 sums can hold; the model is unchanged
-    /// then.
+    /// [`Error::Config`] if a layer is wider than int8 sums can hold or a weight is beyond
+    /// bf16's range; the model is unchanged then.
     pub fn quantize(&mut self, precision: Precision) -> Result<()> {
         if precision == self.precision() {
             return Ok(());
@@ -303,6 +304,9 @@ impl Transformer {
         }
         if self.output.is_tied() {
             self.output.retie(self.tgt_embedding().shared_table());
+            if precision == Precision::Bf16 {
+                self.output.quantize(precision)?;
+            }
         }
         self.fingerprint = self.compute_fingerprint();
         Ok(())
@@ -313,9 +317,10 @@ impl Transformer {
         self.output.precision()
     }
 
-    /// Bytes the parameters take as stored (a shared or tied matrix counted once).
+    /// Bytes the parameters take as stored (a shared or tied matrix counted once), with a
+    /// tied output projection's bf16 copy.
     pub fn parameter_bytes(&self) -> usize {
-        parameters::bytes(self)
+        parameters::bytes(self) + self.output.tied_copy_bytes()
     }
 
     /// `embedding(src)·√d_model + PE`: the encoder's input.

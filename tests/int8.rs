@@ -14,8 +14,8 @@ mod minilm;
 
 use std::time::Instant;
 
-use common::{fixtures_dir, TensorFile};
-use ndarray::{Array2, Array3, ArrayView2};
+use common::{cosine, fixtures_dir, rankings, TensorFile};
+use ndarray::{Array2, Array3};
 use ndtransformer::{LoadOptions, Precision, SentenceEncoder, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -44,25 +44,6 @@ fn the_dates_model_stays_at_least_99_5_percent_exact_on_5000_held_out_dates_in_i
         eval.failures
     );
     assert!(eval.accuracy() >= 0.995, "{:?}", eval.failures);
-}
-
-/// Cosine similarity of two unit-length or arbitrary rows.
-fn cosine(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32 {
-    a.dot(&b) / (a.dot(&a).sqrt() * b.dot(&b).sqrt())
-}
-
-/// For each row, the other rows ordered from most to least similar (the query, the last
-/// row, ranks only the sentences).
-fn rankings(e: ArrayView2<f32>) -> Vec<Vec<usize>> {
-    let sim = e.dot(&e.t());
-    (0..e.nrows())
-        .map(|i| {
-            let last = e.nrows() - 1;
-            let mut others: Vec<usize> = (0..last).filter(|&j| j != i).collect();
-            others.sort_by(|&a, &b| sim[[i, b]].total_cmp(&sim[[i, a]]));
-            others
-        })
-        .collect()
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! | `stream.rs` | products of very few rows: a weight streamed once, per-head few-row products |
 //! | `amx.rs` | batch products on Intel's AMX tiles, at f32 accuracy |
 //! | `int8.rs` | int8 linear layers: weights per row, activations per block of a row, i32 sums |
+//! | `bf16.rs` | bf16 linear layers: weights in bf16 panels, f32 activations and sums |
 //! | `attention.rs` | the per-head kernels of attention, `q kᵀ` and `p v` (§3.2.1) |
 //! | `softmax.rs` | softmax, log-softmax, online softmax |
 //! | `norm.rs` | LayerNorm and residual additions |
@@ -46,6 +47,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis, D
 
 mod activation;
 mod attention;
+mod bf16;
 mod gemm;
 mod int8;
 mod lanes;
@@ -65,6 +67,7 @@ mod amx;
 pub(crate) use self::attention::{
     head_scores, head_values, query_scores, weighted_rows, HeadScratch,
 };
+pub(crate) use self::bf16::{first_out_of_range as bf16_first_out_of_range, Bf16Weight};
 pub(crate) use self::gemm::matmul_into_serial;
 pub(crate) use self::int8::{Int8Weight, MAX_INPUTS as INT8_MAX_INPUTS};
 pub(crate) use self::lanes::argmax_rows;
@@ -94,6 +97,8 @@ pub(crate) enum Weight<'a> {
     Panels(ArrayView3<'a, f32>, usize),
     /// `W` as int8 values with one scale per output row ([`Int8Weight`]).
     Int8(&'a Int8Weight),
+    /// `W` as bf16 values in panels ([`Bf16Weight`]).
+    Bf16(&'a Bf16Weight),
 }
 
 impl Weight<'_> {
@@ -103,6 +108,7 @@ impl Weight<'_> {
             Weight::Plain(w) => w.nrows(),
             Weight::Panels(_, n) => *n,
             Weight::Int8(w) => w.out_features(),
+            Weight::Bf16(w) => w.out_features(),
         }
     }
 }
@@ -114,14 +120,40 @@ enum F32Weight<'a> {
     Panels(ArrayView3<'a, f32>, usize),
 }
 
+/// The reduced-precision weights of [`Weight`], each with its own kernels.
+#[derive(Clone, Copy)]
+enum Reduced<'a> {
+    Int8(&'a Int8Weight),
+    Bf16(&'a Bf16Weight),
+}
+
 impl<'a> Weight<'a> {
-    /// The f32 weight, or the int8 one.
-    fn split(self) -> Result<F32Weight<'a>, &'a Int8Weight> {
+    /// The f32 weight, or the reduced-precision one.
+    fn split(self) -> Result<F32Weight<'a>, Reduced<'a>> {
         match self {
             Weight::Plain(w) => Ok(F32Weight::Plain(w)),
             Weight::Panels(p, n) => Ok(F32Weight::Panels(p, n)),
-            Weight::Int8(q) => Err(q),
+            Weight::Int8(q) => Err(Reduced::Int8(q)),
+            Weight::Bf16(w) => Err(Reduced::Bf16(w)),
         }
+    }
+}
+
+/// `epilogue(x · wᵀ + bias)` into `y` (any contents, overwritten) for a reduced-precision
+/// weight: its kernel writes `x · wᵀ + bias`, the activation is one more pass.
+fn reduced_linear(
+    x: ArrayView2<f32>,
+    w: Reduced,
+    bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
+    mut y: ArrayViewMut2<f32>,
+) {
+    match w {
+        Reduced::Int8(q) => int8::int8_linear(x, q, bias, y.view_mut()),
+        Reduced::Bf16(w) => bf16::bf16_linear(x, w, bias, y.view_mut()),
+    }
+    if epilogue != Epilogue::Bias {
+        activate_rows(y, epilogue);
     }
 }
 
@@ -142,12 +174,9 @@ pub(crate) fn linear(
     let (rows, out) = (x.nrows(), w.out_features());
     let w = match w.split() {
         Ok(w) => w,
-        Err(q) => {
+        Err(w) => {
             let mut y = huge_pages::zeros(Dim([rows, out]));
-            int8::int8_linear(x, q, bias, y.view_mut());
-            if epilogue != Epilogue::Bias {
-                activate_rows(y.view_mut(), epilogue);
-            }
+            reduced_linear(x, w, bias, epilogue, y.view_mut());
             return y;
         }
     };
@@ -200,13 +229,7 @@ pub(crate) fn linear_into(
     }
     let w = match w.split() {
         Ok(w) => w,
-        Err(q) => {
-            int8::int8_linear(x, q, bias, y.view_mut());
-            if epilogue != Epilogue::Bias {
-                activate_rows(y, epilogue);
-            }
-            return;
-        }
+        Err(w) => return reduced_linear(x, w, bias, epilogue, y),
     };
     if takes_blocked(x, w) {
         match w {

@@ -271,3 +271,22 @@ pub fn assert_close<D: ndarray::Dimension>(
         "{fixture} {what}: max abs err {err:e} > {tol:e}"
     );
 }
+
+/// Cosine similarity of two unit-length or arbitrary rows.
+pub fn cosine(a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>) -> f32 {
+    a.dot(&b) / (a.dot(&a).sqrt() * b.dot(&b).sqrt())
+}
+
+/// For each row of embeddings, the other rows ordered from most to least similar (the
+/// query, the last row, ranks only the sentences).
+pub fn rankings(e: ndarray::ArrayView2<f32>) -> Vec<Vec<usize>> {
+    let sim = e.dot(&e.t());
+    (0..e.nrows())
+        .map(|i| {
+            let last = e.nrows() - 1;
+            let mut others: Vec<usize> = (0..last).filter(|&j| j != i).collect();
+            others.sort_by(|&a, &b| sim[[i, b]].total_cmp(&sim[[i, a]]));
+            others
+        })
+        .collect()
+}
