@@ -15,9 +15,10 @@
 //! [`super::linear`].
 //!
 //! AVX2 has no int8 dot product that cannot saturate: `vpmaddubsw` adds two u8 × s8 products
-//! into an i16, which overflows for large values of both. The kernel widens both operands to
+//! into an i16, which overflows for large values of both. The kernel widens the weights to
 //! i16 instead and multiplies with `vpmaddwd` (i16 × i16 pairs into i32), which is exact for
-//! the full int8 range.
+//! the full int8 range. Its tiles cover up to 8 rows, so that a decoding step (8 rows) widens
+//! each weight once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,12 +28,14 @@ use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::lanes::with_slice;
 
-/// Values of `k` one group of the packed layout holds (one 64-bit broadcast of i16 inputs).
-const GROUP: usize = 4;
-/// Output columns one strip of the packed layout holds (32 bytes a group: one AVX2 register).
+/// Values of `k` one group of the packed layout holds: the pair of i16 inputs `vpmaddwd` adds
+/// into one i32 lane.
+const GROUP: usize = 2;
+/// Output columns one strip of the packed layout holds (16 bytes a group: one AVX2 register
+/// once widened to i16).
 const STRIP: usize = 8;
-/// Rows one register tile covers: 4 rows × 8 columns take 8 accumulators.
-const TILE_ROWS: usize = 4;
+/// Rows the largest register tile covers: 8 rows × 8 columns take 8 accumulators, one a row.
+const TILE_ROWS: usize = 8;
 /// Rows of the input one unit of work takes: their quantized values (64 rows of 512 inputs,
 /// 64 KiB) stay in L2 while the unit's strips pass through L1.
 const CHUNK_ROWS: usize = 64;
@@ -44,9 +47,9 @@ pub(crate) const MAX_INPUTS: usize = 1 << 17;
 /// A weight `W: [out, in]` as int8 values with one scale per output row: `W[o, i] ≈ sw[o] ·
 /// q[o, i]`.
 ///
-/// Stored as strips of 8 output columns, each strip's groups of 4 inputs one after another
-/// (`[out / 8][in / 4][8][4]`, zero-padded), so that a product reads the weight once, front to
-/// back, 32 bytes a step. Shared (not copied) when a layer is cloned.
+/// Stored as strips of 8 output columns, each strip's groups of 2 inputs one after another
+/// (`[out / 8][in / 2][8][2]`, zero-padded), so that a product reads the weight once, front to
+/// back, 16 bytes a step. Shared (not copied) when a layer is cloned.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Int8Weight {
     packed: Arc<[i8]>,
@@ -225,8 +228,8 @@ fn quantize_value(v: f32, inv: f32) -> i8 {
     (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8
 }
 
-/// Groups of inputs (4 each) that share one activation scale: blocks of 32 inputs.
-const BLOCK_GROUPS: usize = 8;
+/// Groups of inputs (2 each) that share one activation scale: blocks of 32 inputs.
+const BLOCK_GROUPS: usize = 16;
 /// Inputs per activation block.
 const BLOCK: usize = BLOCK_GROUPS * GROUP;
 
@@ -331,6 +334,9 @@ pub(crate) fn int8_linear(
     let groups = w.inputs.div_ceil(GROUP);
     let xq = quantize_rows(x, groups);
     let bias = bias.as_ref().map(|b| b.as_standard_layout());
+    let bias = bias
+        .as_ref()
+        .map(|b| b.as_slice().expect("standard layout"));
     let kernel = Kernel::detect();
     let mut units = Vec::new();
     for (chunk, y_rows) in y.axis_chunks_iter_mut(Axis(0), CHUNK_ROWS).enumerate() {
@@ -345,35 +351,48 @@ pub(crate) fn int8_linear(
         }
     }
     let run = |(row0, strip0, mut y_block): (usize, usize, ArrayViewMut2<f32>)| {
-        let strips = y_block.ncols().div_ceil(STRIP);
-        for s in 0..strips {
-            let strip = strip0 + s;
-            let cols = (y_block.ncols() - s * STRIP).min(STRIP);
-            let weights = &w.packed[strip * groups * STRIP * GROUP..][..groups * STRIP * GROUP];
-            let col0 = strip * STRIP;
-            let scales = &w.scales[col0..col0 + cols];
-            let bias = bias
-                .as_ref()
-                .map(|b| &b.as_slice().expect("standard layout")[col0..col0 + cols]);
+        let (rows, cols) = y_block.dim();
+        // The unit's sums, `[rows, cols]`, dequantized into `y` row by row at the end.
+        let mut sums = vec![0.0f32; rows * cols];
+        let mut tile = [[0.0f32; STRIP]; TILE_ROWS];
+        for s in 0..cols.div_ceil(STRIP) {
+            let weights =
+                &w.packed[(strip0 + s) * groups * STRIP * GROUP..][..groups * STRIP * GROUP];
+            let (c0, width) = (s * STRIP, (cols - s * STRIP).min(STRIP));
             let mut r = 0;
-            while r < y_block.nrows() {
-                let tile = (y_block.nrows() - r).min(TILE_ROWS);
-                let row = |i: usize| row0 + r + i.min(tile - 1);
-                let rows: [&[i16]; TILE_ROWS] = std::array::from_fn(|i| xq.row(row(i)));
-                let row_scales: [&[f32]; TILE_ROWS] = std::array::from_fn(|i| xq.scales(row(i)));
-                let sums = kernel.tile(rows, row_scales, weights, groups);
-                for (i, sums) in sums.iter().enumerate().take(tile) {
-                    let out = y_block.slice_mut(ndarray::s![r + i, s * STRIP..s * STRIP + cols]);
-                    with_slice(out, |out| dequantize(&sums[..cols], scales, bias, out));
+            while r < rows {
+                let take = tile_rows(rows - r);
+                kernel.tiles(&xq, row0 + r, weights, groups, &mut tile[..take]);
+                for (i, tile) in tile[..take].iter().enumerate() {
+                    sums[(r + i) * cols + c0..][..width].copy_from_slice(&tile[..width]);
                 }
-                r += tile;
+                r += take;
             }
+        }
+        let col0 = strip0 * STRIP;
+        let (sw, bias) = (
+            &w.scales[col0..col0 + cols],
+            bias.map(|b| &b[col0..col0 + cols]),
+        );
+        for (out, sums) in y_block.rows_mut().into_iter().zip(sums.chunks(cols)) {
+            with_slice(out, |out| dequantize(sums, sw, bias, out));
         }
     };
     if units.len() > 1 && x.nrows() * w.inputs * w.out >= 1 << 18 {
         units.into_par_iter().for_each(run);
     } else {
         units.into_iter().for_each(run);
+    }
+}
+
+/// The rows the next tile takes when `rows` remain: 8, then 4, 2 and 1 for the last ones, so
+/// that no tile computes a row twice.
+fn tile_rows(rows: usize) -> usize {
+    match rows {
+        8.. => 8,
+        4..=7 => 4,
+        2 | 3 => 2,
+        _ => 1,
     }
 }
 
@@ -404,9 +423,9 @@ enum Kernel {
     Plain,
 }
 
-/// The sums of one register tile: `Σ_b S_b · sx_b` for 4 rows × 8 columns, `S_b` a block's
+/// The sums of one register tile: `Σ_b S_b · sx_b` for `R` rows × 8 columns, `S_b` a block's
 /// exact integer sum and `sx_b` the row's scale for that block, added block by block in order.
-type TileSums = [[f32; STRIP]; TILE_ROWS];
+type TileSums<const R: usize> = [[f32; STRIP]; R];
 
 impl Kernel {
     fn detect() -> Self {
@@ -417,14 +436,35 @@ impl Kernel {
         Kernel::Plain
     }
 
-    /// The sums of 4 rows × one strip of 8 columns over all `groups` groups of inputs.
-    fn tile(
+    /// The sums of rows `first..first + out.len()` (1, 2, 4 or 8 rows) × one strip.
+    fn tiles(
         self,
-        rows: [&[i16]; TILE_ROWS],
-        scales: [&[f32]; TILE_ROWS],
+        xq: &QuantizedRows,
+        first: usize,
         strip: &[i8],
         groups: usize,
-    ) -> TileSums {
+        out: &mut [[f32; STRIP]],
+    ) {
+        match out.len() {
+            8 => out.copy_from_slice(&self.tile::<8>(xq, first, strip, groups)),
+            4 => out.copy_from_slice(&self.tile::<4>(xq, first, strip, groups)),
+            2 => out.copy_from_slice(&self.tile::<2>(xq, first, strip, groups)),
+            1 => out.copy_from_slice(&self.tile::<1>(xq, first, strip, groups)),
+            n => unreachable!("tiles of 1, 2, 4 or 8 rows, not {n}"),
+        }
+    }
+
+    /// The sums of rows `first..first + R` × one strip of 8 columns over all `groups` groups
+    /// of inputs.
+    fn tile<const R: usize>(
+        self,
+        xq: &QuantizedRows,
+        first: usize,
+        strip: &[i8],
+        groups: usize,
+    ) -> TileSums<R> {
+        let rows: [&[i16]; R] = std::array::from_fn(|i| xq.row(first + i));
+        let scales: [&[f32]; R] = std::array::from_fn(|i| xq.scales(first + i));
         assert!(strip.len() >= groups * STRIP * GROUP);
         assert!(rows.iter().all(|r| r.len() >= groups * GROUP));
         assert!(scales
@@ -440,15 +480,15 @@ impl Kernel {
 }
 
 /// The reference: each block's sum in plain integer arithmetic, then scaled and added.
-fn tile_plain(
-    rows: [&[i16]; TILE_ROWS],
-    scales: [&[f32]; TILE_ROWS],
+fn tile_plain<const R: usize>(
+    rows: [&[i16]; R],
+    scales: [&[f32]; R],
     strip: &[i8],
     groups: usize,
-) -> TileSums {
-    let mut sums = [[0.0f32; STRIP]; TILE_ROWS];
+) -> TileSums<R> {
+    let mut sums = [[0.0f32; STRIP]; R];
     for (b, start) in (0..groups).step_by(BLOCK_GROUPS).enumerate() {
-        for r in 0..TILE_ROWS {
+        for r in 0..R {
             for (c, sum) in sums[r].iter_mut().enumerate() {
                 let mut block = 0i32;
                 for g in start..(start + BLOCK_GROUPS).min(groups) {
@@ -465,54 +505,43 @@ fn tile_plain(
     sums
 }
 
-/// [`tile_plain`] on AVX2: per group, the strip's 32 weights widened to i16 in two registers
-/// (columns 0–3 and 4–7, four inputs each), each row's four inputs broadcast, and
-/// `vpmaddwd` adding pairs of products into i32 lanes; at the end of a block the two lanes of
-/// each column are added (exact), converted, scaled and added to the f32 sums.
+/// [`tile_plain`] on AVX2: per group, the strip's 16 weights widened once to i16 (8 columns ×
+/// 2 inputs), each row's two inputs broadcast, and `vpmaddwd` adding the pair of products of
+/// each column into its i32 lane; at the end of a block each row's lanes are converted, scaled
+/// and added to its f32 sums.
 ///
 /// # Safety
-/// The CPU must have AVX2; each row must hold at least `groups · 4` values, each scale row
-/// `groups / 8` (rounded up) and `strip` `groups · 32`.
+/// The CPU must have AVX2; each row must hold at least `groups · 2` values, each scale row
+/// `groups / 16` (rounded up) and `strip` `groups · 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2(
-    rows: [&[i16]; TILE_ROWS],
-    scales: [&[f32]; TILE_ROWS],
+unsafe fn tile_avx2<const R: usize>(
+    rows: [&[i16]; R],
+    scales: [&[f32]; R],
     strip: &[i8],
     groups: usize,
-) -> TileSums {
+) -> TileSums<R> {
     use std::arch::x86_64::*;
-    let mut sums = [_mm256_setzero_ps(); TILE_ROWS];
+    let mut sums = [_mm256_setzero_ps(); R];
     let w = strip.as_ptr();
     for (b, start) in (0..groups).step_by(BLOCK_GROUPS).enumerate() {
-        let mut acc = [[_mm256_setzero_si256(); 2]; TILE_ROWS];
+        let mut acc = [_mm256_setzero_si256(); R];
         for g in start..(start + BLOCK_GROUPS).min(groups) {
-            // SAFETY: group `g` of the strip is 32 bytes from `w + 32 g`, within `strip`.
-            let (w0, w1) = unsafe {
-                let p = w.add(g * STRIP * GROUP);
-                (
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(16).cast())),
-                )
-            };
+            // SAFETY: group `g` of the strip is 16 bytes from `w + 16 g`, within `strip`.
+            let wg =
+                unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(g * STRIP * GROUP).cast())) };
             for (row, acc) in rows.iter().zip(acc.iter_mut()) {
-                // SAFETY: the row's group `g` is four i16s from `row + 4 g`, within the row.
-                let x = unsafe { row.as_ptr().add(g * GROUP).cast::<i64>().read_unaligned() };
-                let x = _mm256_set1_epi64x(x);
-                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, w0));
-                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, w1));
+                // SAFETY: the row's group `g` is two i16s from `row + 2 g`, within the row.
+                let x = unsafe { row.as_ptr().add(g * GROUP).cast::<i32>().read_unaligned() };
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_set1_epi32(x), wg));
             }
         }
-        for r in 0..TILE_ROWS {
-            // Lanes (2c, 2c + 1) of acc[h] hold column 4h + c; `hadd` pairs them, in the
-            // order 0 1 4 5 | 2 3 6 7, which the permutation puts back.
-            let block =
-                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[r][0], acc[r][1]));
-            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(block), _mm256_set1_ps(scales[r][b]));
+        for r in 0..R {
+            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(scales[r][b]));
             sums[r] = _mm256_add_ps(sums[r], scaled);
         }
     }
-    let mut out = [[0.0f32; STRIP]; TILE_ROWS];
+    let mut out = [[0.0f32; STRIP]; R];
     for (sums, out) in sums.iter().zip(out.iter_mut()) {
         // SAFETY: `out` is 8 f32s.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sums) };
@@ -571,7 +600,10 @@ mod tests {
             (4, 64, 8),
             (5, 33, 130),
             (70, 67, 129),
+            (7, 63, 16),
+            (8, 512, 40),
             (9, 512, 24),
+            (15, 100, 33),
             (130, 40, 300),
         ] {
             let x = values(m, k, 1);
@@ -584,14 +616,23 @@ mod tests {
                 assert_eq!(y, expected, "{m} × {k} × {n}, bias {}", b.is_some());
                 let groups = k.div_ceil(GROUP);
                 let xq = quantize_rows(x.view(), groups);
-                let rows: [&[i16]; 4] = std::array::from_fn(|i| xq.row(i.min(m - 1)));
-                let scales: [&[f32]; 4] = std::array::from_fn(|i| xq.scales(i.min(m - 1)));
-                let strip = &w.packed[..groups * STRIP * GROUP];
-                assert_eq!(
-                    Kernel::detect().tile(rows, scales, strip, groups),
-                    tile_plain(rows, scales, strip, groups),
-                    "tile of {m} × {k} × {n}"
-                );
+                let strip = &w.packed[(n - 1) / STRIP * groups * STRIP * GROUP..];
+                let mut r = 0;
+                while r < m {
+                    let take = tile_rows(m - r);
+                    let mut tile = [[0.0f32; STRIP]; TILE_ROWS];
+                    Kernel::detect().tiles(&xq, r, strip, groups, &mut tile[..take]);
+                    let mut plain = [[0.0f32; STRIP]; TILE_ROWS];
+                    Kernel::Plain.tiles(&xq, r, strip, groups, &mut plain[..take]);
+                    assert_eq!(tile, plain, "tile of {m} × {k} × {n}, rows from {r}");
+                    for (i, tile) in tile[..take].iter().enumerate() {
+                        let rows = [xq.row(r + i)];
+                        let scales = [xq.scales(r + i)];
+                        let plain = tile_plain(rows, scales, strip, groups);
+                        assert_eq!(*tile, plain[0], "tile of {m} × {k} × {n}, row {}", r + i);
+                    }
+                    r += take;
+                }
             }
         }
     }
