@@ -324,6 +324,27 @@ impl Transformer {
     }
 }
 
+/// The `n` best `(log_prob, token)` of one row, best first, ties to the lower token id: one
+/// pass over the vocabulary keeping the `n` best so far, sorted, so that a value enters only
+/// when it beats the `n`-th (after the first few tokens, almost never).
+fn top_tokens(row: ndarray::ArrayView1<f32>, n: usize) -> Vec<(f32, u32)> {
+    let better = |a: (f32, u32), b: (f32, u32)| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)).is_gt();
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return best;
+    }
+    for (token, &lp) in row.iter().enumerate() {
+        let c = (lp, token as u32);
+        if best.len() == n && !better(c, best[n - 1]) {
+            continue;
+        }
+        let at = best.partition_point(|&b| better(b, c));
+        best.insert(at, c);
+        best.truncate(n);
+    }
+    best
+}
+
 /// The beam-search state of one batch row.
 struct RowSearch {
     max_len: usize,
@@ -351,20 +372,23 @@ impl RowSearch {
         o: &BeamSearchOptions,
     ) -> Vec<(usize, u32)> {
         let k = o.beam_size;
-        let mut candidates: Vec<(f32, usize, u32)> = Vec::with_capacity(log_probs.len());
+        let keep = k.saturating_mul(2).min(log_probs.len());
+        // The best `keep` extensions of all beams are among each beam's own best `keep` (the
+        // order within one beam is the same), so each beam's vocabulary is scanned once for
+        // those, and only `beams × keep` candidates are ranked.
+        let mut candidates: Vec<(f32, usize, u32)> = Vec::with_capacity(log_probs.nrows() * keep);
         for (beam, row) in log_probs.rows().into_iter().enumerate() {
             let base = self.live[beam].1;
             candidates.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(token, &lp)| (base + lp, beam, token as u32)),
+                top_tokens(row, keep)
+                    .into_iter()
+                    .map(|(lp, token)| (base + lp, beam, token)),
             );
         }
         // Best first; ties to the earlier beam, then the lower token id.
         let order = |a: &(f32, usize, u32), b: &(f32, usize, u32)| {
             b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
         };
-        let keep = k.saturating_mul(2).min(candidates.len());
         if keep < candidates.len() {
             candidates.select_nth_unstable_by(keep - 1, order);
             candidates.truncate(keep);
@@ -429,5 +453,28 @@ impl RowSearch {
     fn into_best(mut self, n: usize) -> Vec<Hypothesis> {
         self.finished.truncate(n);
         self.finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_tokens_are_the_head_of_a_full_sort_ties_to_the_lower_id() {
+        // Many ties (values repeat every 7 tokens) and negative infinities.
+        let row = Array1::from_shape_fn(50, |t| match t % 7 {
+            6 => f32::NEG_INFINITY,
+            r => -(r as f32) * 0.5,
+        });
+        let mut sorted: Vec<(f32, u32)> = row
+            .iter()
+            .enumerate()
+            .map(|(t, &v)| (v, t as u32))
+            .collect();
+        sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for n in [0, 1, 2, 7, 8, 49, 50, 80] {
+            assert_eq!(top_tokens(row.view(), n), sorted[..n.min(50)], "n = {n}");
+        }
     }
 }
