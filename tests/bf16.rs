@@ -5,6 +5,7 @@
 //!
 //! `cargo test --test bf16 -- --nocapture` prints the figures.
 
+mod accuracy;
 mod common;
 // Shared with the examples; this file uses part of it.
 #[allow(dead_code)]
@@ -13,103 +14,18 @@ mod dates;
 #[path = "../examples/minilm/mod.rs"]
 mod minilm;
 
-use std::time::Instant;
-
-use common::{cosine, fixtures_dir, rankings, TensorFile};
 use ndarray::{Array2, Array3, ArrayD};
-use ndtransformer::{LoadOptions, Precision, SentenceEncoder, Transformer, TransformerConfig};
+use ndtransformer::{LoadOptions, Precision, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
 #[test]
 fn the_dates_model_stays_at_least_99_5_percent_exact_on_5000_held_out_dates_in_bf16() {
-    let mut m = dates::DatesModel::load(&dates::default_assets_dir()).unwrap();
-    let f32_bytes = m.model.parameter_bytes();
-    m.model.quantize(Precision::Bf16).unwrap();
-    assert_eq!(m.model.precision(), Precision::Bf16);
-    let examples = dates::held_out_sample(5000, 2017);
-    let start = Instant::now();
-    let mut eval = dates::Evaluation::default();
-    for chunk in examples.chunks(500) {
-        let sources: Vec<&str> = chunk.iter().map(|e| e.source.as_str()).collect();
-        eval.record(chunk, &m.translate(&sources).unwrap());
-    }
-    println!(
-        "dates model, bf16: {}/{} = {:.2} % exact in {:.2?}; weights {} of {} bytes in f32; \
-         misses {:?}",
-        eval.correct,
-        eval.total,
-        100.0 * eval.accuracy(),
-        start.elapsed(),
-        m.model.parameter_bytes(),
-        f32_bytes,
-        eval.failures
-    );
-    assert!(eval.accuracy() >= 0.995, "{:?}", eval.failures);
+    accuracy::dates_model_stays_99_5_percent_exact(Precision::Bf16);
 }
 
 #[test]
 fn minilm_bf16_embeddings_keep_cosine_0_999_and_the_similarity_ranking() {
-    let dir = minilm::model_dir().unwrap_or_else(|e| panic!("{e}"));
-    let f32_model = SentenceEncoder::load(&dir).unwrap();
-    let mut bf16_model = SentenceEncoder::load(&dir).unwrap();
-    bf16_model.quantize(Precision::Bf16).unwrap();
-    assert_eq!(bf16_model.model().precision(), Precision::Bf16);
-
-    // The fixture's 21 sentences, tokenised by Python.
-    let r = TensorFile::read(&fixtures_dir().join("minilm/reference.safetensors"));
-    let (ids, mask, types) = (
-        r.ids("input_ids"),
-        r.ids("attention_mask"),
-        r.ids("token_type_ids"),
-    );
-    let exact = f32_model
-        .embed(ids.view(), mask.view(), Some(types.view()))
-        .unwrap();
-    let bf16 = bf16_model
-        .embed(ids.view(), mask.view(), Some(types.view()))
-        .unwrap();
-    let worst = exact
-        .rows()
-        .into_iter()
-        .zip(bf16.rows())
-        .map(|(a, b)| cosine(a, b))
-        .fold(1.0f32, f32::min);
-    println!(
-        "all-MiniLM-L6-v2 bf16: lowest cosine with f32 over {} sentences {worst:.6}; weights {} \
-         of {} bytes",
-        exact.nrows(),
-        bf16_model.model().parameter_bytes(),
-        f32_model.model().parameter_bytes()
-    );
-    assert!(worst >= 0.999, "lowest cosine {worst}");
-
-    // The embed example's sentences and query: the query's ranking of the sentences and each
-    // sentence's nearest neighbour are those of f32.
-    let tokenizer = minilm::tokenizer(&dir, 256).unwrap();
-    let mut texts = minilm::DEMO.to_vec();
-    texts.push(minilm::DEMO_QUERY);
-    let batch = minilm::tokenize(&tokenizer, &texts).unwrap();
-    let embed = |m: &SentenceEncoder| -> Array2<f32> {
-        m.embed(
-            batch.ids.view(),
-            batch.attention_mask.view(),
-            Some(batch.token_types.view()),
-        )
-        .unwrap()
-    };
-    let (exact, bf16) = (
-        rankings(embed(&f32_model).view()),
-        rankings(embed(&bf16_model).view()),
-    );
-    let query = texts.len() - 1;
-    assert_eq!(bf16[query], exact[query], "the query's ranking");
-    for i in 0..query {
-        assert_eq!(
-            bf16[i][0], exact[i][0],
-            "nearest neighbour of {:?}",
-            texts[i]
-        );
-    }
+    accuracy::minilm_keeps_cosine_and_ranking(Precision::Bf16, 0.999);
 }
 
 /// The base model's widths, with one layer a stack and a vocabulary of 8000.
