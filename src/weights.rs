@@ -162,10 +162,7 @@ impl<'a> Reader<'a> {
             // An int8 matrix read as floats: its values times its scales (an alias check, a
             // table the model keeps in f32).
             let (q, scales) = self.int8_tensor(&full, shape)?;
-            let mut w = q.mapv(f32::from);
-            for (mut row, &s) in w.rows_mut().into_iter().zip(&scales) {
-                row.mapv_inplace(|q| q * s);
-            }
+            let w = Int8Weight::from_parts(q.view(), &scales).dequantize();
             return Ok(w.into_dyn());
         }
         let (width, decode): (usize, fn(&[u8]) -> f32) = match dtype {
@@ -532,11 +529,8 @@ pub(crate) fn file_tensors(
                     Error::Safetensors(format!("tensor `{name}`: parts do not stack: {e}"))
                 })?;
                 let scales: Vec<f32> = int8.iter().flat_map(|q| q.scales().to_vec()).collect();
-                tensors.push((
-                    format!("{name}_scale"),
-                    FileTensor::f32(scales_view(&scales)),
-                ));
-                tensors.push((name, FileTensor::int8(q.view())));
+                let stacked = Int8Weight::from_parts(q.view(), &scales);
+                push_tensor(&mut tensors, name, &Tensor::Int8(&stacked));
             }
             None => {
                 let values: Vec<CowArray<f32, IxDyn>> = parts.iter().map(Tensor::values).collect();
