@@ -14,7 +14,7 @@ mod dates;
 #[path = "../examples/minilm/mod.rs"]
 mod minilm;
 
-use ndarray::{Array2, Array3, ArrayD};
+use ndarray::{Array2, ArrayD};
 use ndtransformer::{LoadOptions, Precision, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -129,31 +129,7 @@ fn bf16_linear_weights_take_half_their_f32_bytes_and_convert_back_exactly() {
 
 #[test]
 fn a_bf16_forward_stays_close_to_f32_and_does_not_depend_on_the_thread_count() {
-    let fixture = common::Fixture::load("tiny_postln_relu");
-    let exact = fixture.model();
-    let bf16 = Transformer::from_safetensors(
-        fixture.config(),
-        &fixture.bytes,
-        &LoadOptions {
-            precision: Some(Precision::Bf16),
-            ..LoadOptions::with_prefix("weights.")
-        },
-    )
-    .unwrap();
-    assert_eq!(bf16.precision(), Precision::Bf16);
-    let (src, tgt) = (fixture.ids("io.src_ids"), fixture.ids("io.tgt_ids"));
-    let a: Array3<f32> = exact.forward(src.view(), tgt.view(), None, None).unwrap();
-    let b = bf16.forward(src.view(), tgt.view(), None, None).unwrap();
-    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = a
-        .iter()
-        .zip(&b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-    println!("tiny fixture model: bf16 logits within {err:e} of f32 (largest |logit| {scale})");
-    assert!(
-        err <= 0.02 * scale,
-        "bf16 error {err} against logits up to {scale}"
-    );
+    accuracy::fixture_logits_stay_close(Precision::Bf16, 0.02);
 
     // The base widths, large enough for both kernels to split their work: a batch of 80 rows
     // (the batch kernel) and a decoding step of 2 rows (the few-row kernel), on 1 and 2

@@ -13,7 +13,6 @@ mod dates;
 #[path = "../examples/minilm/mod.rs"]
 mod minilm;
 
-use ndarray::Array3;
 use ndtransformer::{LoadOptions, Precision, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -88,31 +87,9 @@ fn an_int8_model_takes_at_most_30_percent_of_its_f32_bytes_and_converts_back_exa
 
 #[test]
 fn an_int8_forward_stays_close_to_f32_on_a_fixture_model_at_any_thread_count() {
+    let (int8, b) = accuracy::fixture_logits_stay_close(Precision::Int8, 0.05);
     let fixture = common::Fixture::load("tiny_postln_relu");
-    let exact = fixture.model();
-    let int8 = Transformer::from_safetensors(
-        fixture.config(),
-        &fixture.bytes,
-        &LoadOptions {
-            precision: Some(Precision::Int8),
-            ..LoadOptions::with_prefix("weights.")
-        },
-    )
-    .unwrap();
-    assert_eq!(int8.precision(), Precision::Int8);
     let (src, tgt) = (fixture.ids("io.src_ids"), fixture.ids("io.tgt_ids"));
-    let a: Array3<f32> = exact.forward(src.view(), tgt.view(), None, None).unwrap();
-    let b = int8.forward(src.view(), tgt.view(), None, None).unwrap();
-    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = a
-        .iter()
-        .zip(&b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-    println!("tiny fixture model: int8 logits within {err:e} of f32 (largest |logit| {scale})");
-    assert!(
-        err <= 0.05 * scale,
-        "int8 error {err} against logits up to {scale}"
-    );
     let one = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()

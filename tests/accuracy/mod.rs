@@ -3,10 +3,10 @@
 
 use std::time::Instant;
 
-use ndarray::Array2;
-use ndtransformer::{Precision, SentenceEncoder};
+use ndarray::{Array2, Array3};
+use ndtransformer::{LoadOptions, Precision, SentenceEncoder, Transformer};
 
-use crate::common::{cosine, fixtures_dir, rankings, TensorFile};
+use crate::common::{self, cosine, fixtures_dir, rankings, TensorFile};
 use crate::{dates, minilm};
 
 /// The trained dates model in `precision` keeps at least 99.5% exact matches on the 5000
@@ -102,4 +102,40 @@ pub fn minilm_keeps_cosine_and_ranking(precision: Precision, min_cosine: f32) {
             texts[i]
         );
     }
+}
+
+/// The fixture model `tiny_postln_relu` loaded in `precision`: its logits are within
+/// `tolerance` times the largest f32 logit of f32's; returns the model and those logits.
+pub fn fixture_logits_stay_close(
+    precision: Precision,
+    tolerance: f32,
+) -> (Transformer, Array3<f32>) {
+    let fixture = common::Fixture::load("tiny_postln_relu");
+    let exact = fixture.model();
+    let reduced = Transformer::from_safetensors(
+        fixture.config(),
+        &fixture.bytes,
+        &LoadOptions {
+            precision: Some(precision),
+            ..LoadOptions::with_prefix("weights.")
+        },
+    )
+    .unwrap();
+    assert_eq!(reduced.precision(), precision);
+    let (src, tgt) = (fixture.ids("io.src_ids"), fixture.ids("io.tgt_ids"));
+    let a: Array3<f32> = exact.forward(src.view(), tgt.view(), None, None).unwrap();
+    let b = reduced.forward(src.view(), tgt.view(), None, None).unwrap();
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    println!(
+        "tiny fixture model: {precision} logits within {err:e} of f32 (largest |logit| {scale})"
+    );
+    assert!(
+        err <= tolerance * scale,
+        "{precision} error {err} against logits up to {scale}"
+    );
+    (reduced, b)
 }
