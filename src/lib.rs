@@ -119,7 +119,10 @@ pub use attention::{
 };
 pub use config::{Activation, EmbeddingConfig, NormPosition, Positions, TransformerConfig};
 pub use decoder::{Decoder, DecoderLayer, DecoderTrace};
-pub use decoding::{length_penalty, BeamSearchOptions, GreedyOptions, Hypothesis, MaxLength};
+pub use decoding::{
+    length_penalty, BeamSearchOptions, GenerateOptions, GreedyOptions, Hypothesis, LengthPenalty,
+    MaxLength, Sampling, StreamedToken, TokenStream,
+};
 pub use embedding::Embedding;
 pub use encoder::{Encoder, EncoderLayer, EncoderTrace};
 pub use encoder_model::EncoderModel;

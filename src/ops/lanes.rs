@@ -2,10 +2,10 @@
 //! dot products, `y += s·x` and argmax, and the rule for rows that are not contiguous.
 //!
 //! Every row kernel (softmax, LayerNorm, the activations, the few-row products) builds on these;
-//! the decoding loops call [`argmax_rows`] for greedy choices.
+//! the decoding loops call [`argmax_slice`] for greedy choices.
 
 use multiversion::multiversion;
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1};
+use ndarray::{ArrayView1, ArrayViewMut1};
 
 /// `y += s · x`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
@@ -108,7 +108,8 @@ pub(super) fn max_lanes(x: &[f32]) -> f32 {
 }
 
 /// Index of the largest entry of each row; ties go to the lowest index.
-pub(crate) fn argmax_rows(x: ArrayView2<f32>) -> Vec<usize> {
+#[cfg(test)]
+fn argmax_rows(x: ndarray::ArrayView2<f32>) -> Vec<usize> {
     x.rows()
         .into_iter()
         .map(|row| match row.as_slice() {
@@ -118,11 +119,11 @@ pub(crate) fn argmax_rows(x: ArrayView2<f32>) -> Vec<usize> {
         .collect()
 }
 
-/// [`argmax_rows`] on one row, in [`LANES`] running maxima: each lane keeps the first index of
+/// The index of the largest entry of `x` (ties: the lowest index), in [`LANES`] running maxima: each lane keeps the first index of
 /// its largest value (strict `>`), so the smallest index among the lanes holding the overall
 /// largest value is the row's first one. NaNs are never chosen over a number.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
-fn argmax_slice(x: &[f32]) -> usize {
+pub(crate) fn argmax_slice(x: &[f32]) -> usize {
     let mut best = [f32::NEG_INFINITY; LANES];
     let mut at = [0usize; LANES];
     let chunks = x.chunks_exact(LANES);

@@ -70,12 +70,12 @@ pub(crate) use self::attention::{
 pub(crate) use self::bf16::{first_out_of_range as bf16_first_out_of_range, Bf16Weight};
 pub(crate) use self::gemm::matmul_into_serial;
 pub(crate) use self::int8::{Int8Weight, MAX_INPUTS as INT8_MAX_INPUTS};
-pub(crate) use self::lanes::argmax_rows;
+pub(crate) use self::lanes::argmax_slice;
 pub(crate) use self::norm::{add_rows_inplace, layer_norm_rows_inplace};
 pub(crate) use self::panels::{pack_panels, unpack_panels};
 pub(crate) use self::pool::with_warm_pool;
-pub(crate) use self::softmax::online_softmax_update;
 pub use self::softmax::{log_softmax_rows_inplace, softmax_rows_inplace};
+pub(crate) use self::softmax::{log_sum_exp, online_softmax_update};
 
 /// What [`linear`] does after the product: the bias (folded into the product) and an activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

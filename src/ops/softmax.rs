@@ -27,12 +27,21 @@ pub fn log_softmax_rows_inplace(mut x: ArrayViewMut2<f32>) {
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
 fn log_softmax_slice(row: &mut [f32]) {
-    let max = max_lanes(row);
-    let sum: f32 = sum_lanes_map(row, |v| exp(v - max));
-    let shift = max + sum.ln();
+    let shift = log_sum_exp(row);
     row.iter_mut().for_each(|v| *v -= shift);
+}
+
+/// `ln Σ exp(x)` of one row, as `max + ln Σ exp(x − max)`: what [`log_softmax_rows_inplace`]
+/// subtracts, so `x[i] − log_sum_exp(x)` is exactly its entry `i`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma"))]
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = max_lanes(row);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f32 = sum_lanes_map(row, |v| exp(v - max));
+    max + sum.ln()
 }
 
 /// Softmax of one contiguous row; see [`softmax_rows_inplace`] for the masked-row rule.
