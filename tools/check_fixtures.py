@@ -8,11 +8,14 @@ For every fixture listed in ``manifest.json`` this script
   ``tensors``;
 * recomputes every ``io.*`` output from the stored weights and inputs with NumPy in float64,
   following the semantics in ``tests/fixtures/FORMAT.md`` (no PyTorch involved), and compares
-  it with the stored value (greedy token ids must match exactly);
+  it with the stored value (greedy token ids must match exactly); the ``generation`` fixture's
+  decodings are re-run with the rules of ``generation_reference.py`` (ids, lengths and
+  finished flags exactly, log-probs and beam scores within the tolerance);
 * with ``--reference DIR``, checks that both sets have the same files, the same tensor names,
   dtypes and shapes, and the same JSON key structure.
 
-Exits with status 1 if any check fails. Needs only NumPy and safetensors.
+Exits with status 1 if any check fails. Needs only NumPy and safetensors (and
+``generation_reference.py`` from this folder).
 
 Usage::
 
@@ -30,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
+
+import generation_reference as gen_ref
 
 DEFAULT_TOL = 1e-5
 
@@ -295,7 +300,65 @@ def check_mha(meta: dict, t: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-CHECKS = {"transformer": check_transformer, "greedy": check_greedy, "mha": check_mha}
+def check_generation(meta: dict, t: dict[str, np.ndarray]) -> dict[str, float]:
+    """Re-run every decoding of the `generation` fixture on the float64 model."""
+    model = NumpyTransformer(t, meta["config"])
+    src_pad = t["io.src_key_padding_mask"].astype(bool)
+    pe = t["io.pe"].astype(np.float64)
+    _, memory = model.encode(model.embed("src_embed.weight", t["io.src_ids"], pe), src_pad)
+
+    def next_logits(rows: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+        tgt = model.embed("tgt_embed.weight", prefixes, pe)
+        return model.decode(tgt, memory[rows], np.zeros(prefixes.shape, dtype=bool), src_pad[rows])[2][:, -1]
+
+    g = meta["generation"]
+    batch, start, eos, steps = src_pad.shape[0], g["decoder_start_token_id"], g["eos_id"], g["max_new_tokens"]
+    cases = {
+        "greedy": (g["greedy"], []),
+        "repetition_penalty": (g["repetition_penalty"], [gen_ref.repetition_penalty(g["repetition_penalty"]["theta"])]),
+        "greedy_eos": (g["greedy_eos"], []),
+        "min_length": (g["min_length"], [gen_ref.min_length(g["min_length"]["min_len"], eos)]),
+    }
+    cases.update({f"no_repeat_ngram.{c['n']}": (c, [gen_ref.no_repeat_ngram(c["n"])]) for c in g["no_repeat_ngram"]})
+
+    def exact(a: np.ndarray, b: np.ndarray) -> float:
+        return 0.0 if np.array_equal(a, b) else math.inf
+
+    errs = {}
+    for key, (case, processors) in cases.items():
+        result = gen_ref.greedy(next_logits, batch, start, steps, eos_id=case["eos_id"], processors=processors)
+        errs[f"{key}.ids (0 = equal)"] = exact(result.ids, t[case["ids"]])
+        if "lengths" in case:
+            errs[f"{key}.lengths (0 = equal)"] = exact(result.lengths, t[case["lengths"]])
+        if "log_probs" in case:
+            errs[f"{key}.log_probs"] = max_err(result.log_probs, t[case["log_probs"]])
+    beam = g["beam"]
+    for setting in beam["settings"]:
+        prefix = setting["prefix"]
+        rows = gen_ref.beam_search(
+            next_logits, batch, start, beam["eos_id"], steps, beam["num_beams"], setting["length_penalty"],
+            beam["num_return_sequences"],
+        )
+        n_return = beam["num_return_sequences"]
+        ids = np.full((batch * n_return, steps), gen_ref.PADDING, dtype=np.int64)
+        fields = {name: np.zeros((batch, n_return)) for name in ("lengths", "scores", "sum_log_probs", "finished")}
+        for b, row in enumerate(rows):
+            for r, hyp in enumerate(row.hypotheses):
+                ids[b * n_return + r, : len(hyp.tokens)] = hyp.tokens
+                fields["lengths"][b, r], fields["finished"][b, r] = len(hyp.tokens), hyp.finished
+                fields["scores"][b, r], fields["sum_log_probs"][b, r] = hyp.score, hyp.sum_log_probs
+        errs[f"{prefix[3:]}.ids (0 = equal)"] = exact(ids, t[f"{prefix}.ids"])
+        for name in ("lengths", "finished"):
+            errs[f"{prefix[3:]}.{name} (0 = equal)"] = exact(fields[name], t[f"{prefix}.{name}"])
+        errs[f"{prefix[3:]}.done_after (0 = equal)"] = exact(
+            np.array([row.done_after for row in rows]), np.array(setting["done_after"])
+        )
+        for name in ("scores", "sum_log_probs"):
+            errs[f"{prefix[3:]}.{name}"] = max_err(fields[name], t[f"{prefix}.{name}"])
+    return errs
+
+
+CHECKS = {"transformer": check_transformer, "greedy": check_greedy, "mha": check_mha, "generation": check_generation}
 
 
 def main() -> int:

@@ -566,9 +566,17 @@ def write_fixture(out_dir: Path, meta: dict, tensors: dict[str, np.ndarray]) -> 
 
 
 def write_manifest(out_dir: Path, files: list[str], seed: int) -> None:
-    """Write `manifest.json`: bytes and sha256 of every fixture file, seed, torch version."""
+    """Write `manifest.json`: bytes and sha256 of every fixture file, seed, torch version.
+
+    Files that an existing manifest lists besides `files` (the `generation` fixture of
+    `make_generation_fixture.py`) stay listed, re-hashed, as long as they exist.
+    """
+    listed = set(files)
+    old = out_dir / "manifest.json"
+    if old.exists():
+        listed |= {name for name in json.loads(old.read_text())["files"] if (out_dir / name).exists()}
     entries = {}
-    for file_name in sorted(files):
+    for file_name in sorted(listed):
         data = (out_dir / file_name).read_bytes()
         entries[file_name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {
