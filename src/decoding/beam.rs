@@ -143,6 +143,7 @@ impl RowSearch {
         candidates.sort_unstable_by(order);
 
         let at_limit = step >= self.max_len;
+        let hugging_face = matches!(rule.penalty, LengthPenalty::HuggingFace(_));
         // At most `keep` candidates survive, however large the beam.
         let mut next_live = Vec::with_capacity(k.min(keep));
         let mut chosen = Vec::with_capacity(k.min(keep));
@@ -151,6 +152,11 @@ impl RowSearch {
             let is_eos = Some(token) == rule.eos_id;
             // As in fairseq, EOS finishes a hypothesis only from the top `k` candidates.
             if is_eos && rank >= k {
+                continue;
+            }
+            // `generate()` ends its search at the maximum length with the top `k` candidates of
+            // that step only, EOS or not.
+            if at_limit && hugging_face && rank >= k {
                 continue;
             }
             if !is_eos {
@@ -170,25 +176,33 @@ impl RowSearch {
         }
         self.finished.sort_by(|a, b| b.score.total_cmp(&a.score));
         self.live = next_live;
-        if self.live.is_empty() || self.cannot_improve(k, rule.penalty) {
+        if self.live.is_empty() || self.cannot_improve(k, rule.penalty, step) {
             self.live.clear();
             return Vec::new();
         }
         chosen
     }
 
-    /// Whether `k` hypotheses are finished and no live one can still score above the k-th.
-    /// A live score can only fall: its log-probability only decreases, and the penalty's
-    /// divisor is largest at the maximum length.
-    fn cannot_improve(&self, k: usize, penalty: LengthPenalty) -> bool {
+    /// Whether `k` hypotheses are finished and no live one can still score above the k-th,
+    /// after `step` tokens.
+    ///
+    /// With Wu's penalty this is a bound: a live score can only fall, since its log-probability
+    /// only decreases and the penalty's divisor is largest at the maximum length. The Hugging
+    /// Face convention reproduces `generate(early_stopping=False)`'s heuristic instead: the live
+    /// scores at their current length.
+    fn cannot_improve(&self, k: usize, penalty: LengthPenalty, step: usize) -> bool {
         if self.finished.len() < k {
             return false;
         }
         let worst_kept = self.finished[k - 1].score;
+        let len = match penalty {
+            LengthPenalty::Wu(_) => self.max_len,
+            LengthPenalty::HuggingFace(_) => step,
+        };
         let best_possible = self
             .live
             .iter()
-            .map(|h| penalty.score(h.log_prob, self.max_len))
+            .map(|h| penalty.score(h.log_prob, len))
             .fold(f32::NEG_INFINITY, f32::max);
         worst_kept >= best_possible
     }

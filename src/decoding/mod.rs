@@ -113,7 +113,11 @@ pub enum LengthPenalty {
     /// α = 0 ranks by log-probability alone.
     Wu(f32),
     /// `log_prob / |Y|^α`, the convention of Hugging Face `generate()` (its
-    /// `length_penalty`, 1 by default).
+    /// `length_penalty`, 1 by default), with its stopping rule: a row is done once it has
+    /// `beam_size` finished hypotheses and the best live one, scored at its current length,
+    /// does not beat the worst (`early_stopping=False`); at the maximum length the step's top
+    /// `beam_size` candidates end the search. Reproduces `generate(num_beams=…)` token for
+    /// token.
     HuggingFace(f32),
 }
 
@@ -122,7 +126,10 @@ impl LengthPenalty {
     pub fn score(self, log_prob: f32, len: usize) -> f32 {
         match self {
             LengthPenalty::Wu(alpha) => log_prob / length_penalty(len, alpha),
-            LengthPenalty::HuggingFace(alpha) => log_prob / (len as f32).powf(alpha),
+            // The divisor rounded from f64, as Python's `len ** α` is.
+            LengthPenalty::HuggingFace(alpha) => {
+                log_prob / (len as f64).powf(f64::from(alpha)) as f32
+            }
         }
     }
 

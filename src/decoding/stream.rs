@@ -213,9 +213,7 @@ impl Iterator for TokenStream<'_> {
     type Item = Result<Vec<StreamedToken>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.cache.is_none() {
-            return None;
-        }
+        self.cache.as_ref()?;
         Some(self.step())
     }
 }

@@ -88,6 +88,30 @@ impl TensorFile {
         Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
     }
 
+    /// A `[rows, width]` int64 id matrix padded with -1, as one list per row (up to its
+    /// first -1).
+    pub fn id_lists(&self, name: &str) -> Vec<Vec<u32>> {
+        let st = self.tensors();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{}: no tensor {name}", self.name));
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        let width = t.shape()[1];
+        let v: Vec<i64> = t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        v.chunks(width)
+            .map(|row| {
+                row.iter()
+                    .take_while(|&&id| id >= 0)
+                    .map(|&id| u32::try_from(id).unwrap())
+                    .collect()
+            })
+            .collect()
+    }
+
     /// A uint8 mask (1 = True) as bools.
     pub fn flags(&self, name: &str) -> Array2<bool> {
         let st = self.tensors();
