@@ -88,6 +88,7 @@
 pub mod attention;
 pub mod bert;
 mod config;
+mod corpus;
 pub mod cpu;
 mod decoder;
 mod decoding;
@@ -118,6 +119,7 @@ pub use attention::{
     MultiHeadAttention,
 };
 pub use config::{Activation, EmbeddingConfig, NormPosition, Positions, TransformerConfig};
+pub use corpus::{decode_corpus, CorpusOptions, CorpusProgress};
 pub use decoder::{Decoder, DecoderLayer, DecoderTrace};
 pub use decoding::{
     length_penalty, BeamSearchOptions, GenerateOptions, GreedyOptions, Hypothesis, LengthPenalty,
