@@ -62,7 +62,7 @@ pub struct CorpusOptions {
     /// How many batches are decoded at once on the current rayon pool (at least 1; the
     /// default of [`CorpusOptions::new`] is 1). A small model's batch is a chain of small
     /// products that keep two threads only partly busy; decoding one batch per thread fills
-    /// them (the dates model of `examples/translate.rs`: 1.5× on 2 threads). Each batch in
+    /// them (the dates model of `examples/translate.rs`: 1.7× on 2 threads). Each batch in
     /// flight holds its own working set, so memory grows with this number.
     pub concurrent_batches: usize,
 }
