@@ -1,5 +1,6 @@
 //! The corpus API against one call per sequence: greedy decoding and beam search of a corpus
-//! in batches sorted by length under a token budget give each sequence's result decoded alone.
+//! in batches sorted by length under a token budget, one at a time or several at once, give each
+//! sequence's result decoded alone.
 
 use ndarray::Array2;
 use ndtransformer::{
@@ -42,7 +43,7 @@ fn alone(source: &[u32]) -> Array2<u32> {
 }
 
 /// Budgets from below the longest sequence (30) to the whole corpus in one batch, with and
-/// without a row cap.
+/// without a row cap, one batch at a time or three.
 fn budgets() -> Vec<CorpusOptions> {
     let mut all: Vec<CorpusOptions> = [17, 64, 300, usize::MAX]
         .into_iter()
@@ -51,6 +52,10 @@ fn budgets() -> Vec<CorpusOptions> {
     all.push(CorpusOptions {
         max_batch_size: 5,
         ..CorpusOptions::new(1000, PAD)
+    });
+    all.push(CorpusOptions {
+        concurrent_batches: 3,
+        ..CorpusOptions::new(64, PAD)
     });
     all
 }
