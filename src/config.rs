@@ -10,6 +10,11 @@ pub enum Activation {
     Relu,
     /// Exact GELU, `0.5·x·(1 + erf(x/√2))`, as PyTorch's `activation="gelu"`.
     Gelu,
+    /// GELU's tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: PyTorch's
+    /// `approximate="tanh"`, Hugging Face's `gelu_new`.
+    GeluTanh,
+    /// SiLU, `x·σ(x)`, which Marian (OPUS-MT) calls `swish`.
+    Silu,
 }
 
 /// Where each sub-layer's LayerNorm sits relative to its residual connection (§3.1).
@@ -32,6 +37,10 @@ pub enum Positions {
     /// A learned `[max_len, d_model]` table, which the paper found "nearly identical"
     /// (§3.5, Table 3 row E) and which BERT-style encoders use.
     Learned,
+    /// The sinusoids of §3.5 with their columns regrouped: every sine first, then every cosine
+    /// (Hugging Face's Marian, OPUS-MT). The same waves, so the same information, in another
+    /// order that a checkpoint's weights depend on.
+    SinusoidalHalves,
 }
 
 /// How token ids become the first layer's input (§3.4, §3.5):

@@ -131,6 +131,8 @@ impl FeedForward {
         let epilogue = match self.activation {
             Activation::Relu => ops::Epilogue::BiasRelu,
             Activation::Gelu => ops::Epilogue::BiasGelu,
+            Activation::GeluTanh => ops::Epilogue::BiasGeluTanh,
+            Activation::Silu => ops::Epilogue::BiasSilu,
         };
         let hidden = self.linear1.forward_2d_with(x, epilogue);
         self.linear2.forward_2d(hidden.view())

@@ -82,6 +82,7 @@ impl InputEmbedding {
         let (e, d) = (&config.embedding, config.d_model);
         let positions = match e.positions {
             Positions::Sinusoidal => PositionalEncoding::new(config.max_len, d),
+            Positions::SinusoidalHalves => PositionalEncoding::halves(config.max_len, d),
             Positions::Learned => PositionalEncoding::learned(init::xavier_uniform(
                 config.max_len,
                 d,
@@ -105,6 +106,7 @@ impl InputEmbedding {
         let (e, d) = (&config.embedding, config.d_model);
         let positions = match e.positions {
             Positions::Sinusoidal => PositionalEncoding::new(config.max_len, d),
+            Positions::SinusoidalHalves => PositionalEncoding::halves(config.max_len, d),
             Positions::Learned => PositionalEncoding::learned(scope.child("positions").matrix(
                 "weight",
                 config.max_len,

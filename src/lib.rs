@@ -102,6 +102,7 @@ pub mod init;
 mod input_embedding;
 mod layer_norm;
 mod linear;
+pub mod marian;
 pub mod mask;
 mod naming;
 pub mod ops;

@@ -15,13 +15,16 @@ use crate::parameters::{first_non_finite, Parameters};
 /// A checkpoint format's names.
 #[derive(Debug)]
 pub(crate) struct Naming {
-    /// `(walk path, file path)`, first match wins: a walk name that starts with the walk path
-    /// takes the file path in its place. `*` matches one segment (a layer index) and is
-    /// carried over to the `*` of the file path.
-    pub(crate) renames: &'static [(&'static str, &'static str)],
+    /// Groups of `(walk path, file path)`, searched in order, first match wins: a walk name
+    /// that starts with the walk path takes the file path in its place. `*` matches one
+    /// segment (a layer index) and is carried over to the `*` of the file path. (Groups let
+    /// two formats share their layer tables.)
+    pub(crate) renames: &'static [&'static [(&'static str, &'static str)]],
     /// Tensors stored stacked along their first axis: `(leaf, file leaf, part, parts)` turns a
     /// renamed `….{leaf}` into part `part` of `parts` of `….{file leaf}`.
     pub(crate) fused: &'static [(&'static str, &'static str, usize, usize)],
+    /// File names of vectors stored as `[1, len]` (a PyTorch buffer kept as a row).
+    pub(crate) rows: &'static [&'static str],
 }
 
 /// Where a walk tensor lives in a checkpoint.
@@ -31,6 +34,8 @@ pub(crate) struct FileName {
     pub(crate) name: String,
     /// `(part, parts)` when the file tensor stacks `parts` equal walk tensors on its first axis.
     pub(crate) part: Option<(usize, usize)>,
+    /// The file stores the walk's vector as a `[1, len]` row.
+    pub(crate) row: bool,
 }
 
 impl Naming {
@@ -39,6 +44,7 @@ impl Naming {
         let renamed = self
             .renames
             .iter()
+            .flat_map(|group| group.iter())
             .find_map(|(from, to)| rename(walk, from, to))
             .unwrap_or_else(|| walk.to_string());
         for &(leaf, file_leaf, part, parts) in self.fused {
@@ -47,11 +53,13 @@ impl Naming {
                     return FileName {
                         name: format!("{stem}{file_leaf}"),
                         part: Some((part, parts)),
+                        row: false,
                     };
                 }
             }
         }
         FileName {
+            row: self.rows.contains(&renamed.as_str()),
             name: renamed,
             part: None,
         }
@@ -125,13 +133,14 @@ const IN_PROJ: &[(&str, &str, usize, usize)] = &[
 pub(crate) const PYTORCH_ATTENTION: Naming = Naming {
     renames: &[],
     fused: IN_PROJ,
+    rows: &[],
 };
 
 /// The `state_dict()` of `src_embed`, `tgt_embed`, `transformer = nn.Transformer(…)` and
 /// `generator = nn.Linear(…)` (see `weights.rs`); `pos_embed`, `type_embed` and `embed_norm`
 /// for the embedding options PyTorch's module does not have.
 pub(crate) const PYTORCH: Naming = Naming {
-    renames: &[
+    renames: &[&[
         ("input.positions", "pos_embed"),
         ("input.token_types", "type_embed"),
         ("input.norm", "embed_norm"),
@@ -170,13 +179,14 @@ pub(crate) const PYTORCH: Naming = Naming {
         ),
         ("decoder", "transformer.decoder"),
         ("output", "generator"),
-    ],
+    ]],
     fused: IN_PROJ,
+    rows: &[],
 };
 
 /// `transformers.BertModel.state_dict()` (see `bert.rs`).
 pub(crate) const BERT: Naming = Naming {
-    renames: &[
+    renames: &[&[
         ("tokens", "embeddings.word_embeddings"),
         ("input.positions", "embeddings.position_embeddings"),
         ("input.token_types", "embeddings.token_type_embeddings"),
@@ -213,8 +223,85 @@ pub(crate) const BERT: Naming = Naming {
             "encoder.layers.*.ffn_norm",
             "encoder.layer.*.output.LayerNorm",
         ),
+    ]],
+    fused: &[],
+    rows: &[],
+};
+
+/// The layers, output projection and logits bias of `transformers.MarianMTModel.state_dict()`
+/// (see `marian.rs`), shared by its two embedding layouts.
+const MARIAN_LAYERS: &[(&str, &str)] = &[
+    (
+        "encoder.layers.*.self_attn_norm",
+        "model.encoder.layers.*.self_attn_layer_norm",
+    ),
+    (
+        "encoder.layers.*.feed_forward.linear1",
+        "model.encoder.layers.*.fc1",
+    ),
+    (
+        "encoder.layers.*.feed_forward.linear2",
+        "model.encoder.layers.*.fc2",
+    ),
+    (
+        "encoder.layers.*.ffn_norm",
+        "model.encoder.layers.*.final_layer_norm",
+    ),
+    ("encoder", "model.encoder"),
+    (
+        "decoder.layers.*.self_attn_norm",
+        "model.decoder.layers.*.self_attn_layer_norm",
+    ),
+    (
+        "decoder.layers.*.cross_attn_norm",
+        "model.decoder.layers.*.encoder_attn_layer_norm",
+    ),
+    (
+        "decoder.layers.*.cross_attn",
+        "model.decoder.layers.*.encoder_attn",
+    ),
+    (
+        "decoder.layers.*.feed_forward.linear1",
+        "model.decoder.layers.*.fc1",
+    ),
+    (
+        "decoder.layers.*.feed_forward.linear2",
+        "model.decoder.layers.*.fc2",
+    ),
+    (
+        "decoder.layers.*.ffn_norm",
+        "model.decoder.layers.*.final_layer_norm",
+    ),
+    ("decoder", "model.decoder"),
+    ("output.bias", "final_logits_bias"),
+    ("output", "lm_head"),
+];
+
+/// Marian with one embedding table for source and target (`model.shared`, opus-mt-en-de's
+/// layout); the copies under `model.{encoder,decoder}.embed_tokens` are checked when present.
+pub(crate) const MARIAN_SHARED: Naming = Naming {
+    renames: &[
+        &[
+            ("src_embed", "model.shared"),
+            ("tgt_embed", "model.decoder.embed_tokens"),
+        ],
+        MARIAN_LAYERS,
     ],
     fused: &[],
+    rows: &["final_logits_bias"],
+};
+
+/// Marian with separate source and target tables (`share_encoder_decoder_embeddings: false`).
+pub(crate) const MARIAN_SEPARATE: Naming = Naming {
+    renames: &[
+        &[
+            ("src_embed", "model.encoder.embed_tokens"),
+            ("tgt_embed", "model.decoder.embed_tokens"),
+        ],
+        MARIAN_LAYERS,
+    ],
+    fused: &[],
+    rows: &["final_logits_bias"],
 };
 
 /// Stacks the parts of a fused tensor in order (`parts[i]` is part `i`).
@@ -226,6 +313,53 @@ pub(crate) fn stack(name: &str, parts: &[ArrayViewD<f32>]) -> Result<ndarray::Ar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marian_names() {
+        let cases = [
+            (
+                "src_embed.weight",
+                "model.shared.weight",
+                "model.encoder.embed_tokens.weight",
+            ),
+            (
+                "encoder.layers.1.self_attn.q_proj.bias",
+                "model.encoder.layers.1.self_attn.q_proj.bias",
+                "model.encoder.layers.1.self_attn.q_proj.bias",
+            ),
+            (
+                "decoder.layers.0.cross_attn.out_proj.weight",
+                "model.decoder.layers.0.encoder_attn.out_proj.weight",
+                "model.decoder.layers.0.encoder_attn.out_proj.weight",
+            ),
+            (
+                "decoder.layers.5.cross_attn_norm.bias",
+                "model.decoder.layers.5.encoder_attn_layer_norm.bias",
+                "model.decoder.layers.5.encoder_attn_layer_norm.bias",
+            ),
+            (
+                "encoder.layers.2.feed_forward.linear2.weight",
+                "model.encoder.layers.2.fc2.weight",
+                "model.encoder.layers.2.fc2.weight",
+            ),
+            ("output.weight", "lm_head.weight", "lm_head.weight"),
+        ];
+        for (walk, shared, separate) in cases {
+            assert_eq!(
+                file(&MARIAN_SHARED, walk),
+                (shared.to_string(), None),
+                "{walk}"
+            );
+            assert_eq!(
+                file(&MARIAN_SEPARATE, walk),
+                (separate.to_string(), None),
+                "{walk}"
+            );
+        }
+        let bias = MARIAN_SHARED.file_name("output.bias");
+        assert_eq!((bias.name.as_str(), bias.row), ("final_logits_bias", true));
+        assert!(!MARIAN_SHARED.file_name("output.weight").row);
+    }
 
     fn file(naming: &Naming, walk: &str) -> (String, Option<(usize, usize)>) {
         let f = naming.file_name(walk);

@@ -38,14 +38,42 @@ impl PositionalEncoding {
     /// If `max_len × d_model` is more values than an array can address (ndarray's own rule);
     /// [`Transformer::new`](crate::Transformer::new) rejects such sizes with an error first.
     pub fn new(max_len: usize, d_model: usize) -> Self {
-        let table = Array2::from_shape_fn((max_len, d_model), |(pos, dim)| {
-            let two_i = (dim - dim % 2) as f64;
-            let angle = pos as f64 / 10000f64.powf(two_i / d_model as f64);
-            let v = if dim % 2 == 0 {
-                angle.sin()
+        Self::sinusoids(max_len, d_model, |dim| (dim / 2, dim % 2 == 0))
+    }
+
+    /// The same sinusoids with every sine first and every cosine after (Hugging Face's Marian,
+    /// `MarianSinusoidalPositionalEmbedding`): column `i < ⌈d/2⌉` is `PE(pos, 2i)`, column
+    /// `⌈d/2⌉ + i` is `PE(pos, 2i + 1)`.
+    ///
+    /// ```
+    /// use ndtransformer::PositionalEncoding;
+    /// let (paper, halves) = (PositionalEncoding::new(50, 8), PositionalEncoding::halves(50, 8));
+    /// let (p, h) = (paper.table(50)?, halves.table(50)?);
+    /// assert_eq!(h[[7, 1]], p[[7, 2]]); // the second sine
+    /// assert_eq!(h[[7, 5]], p[[7, 3]]); // the second cosine
+    /// # Ok::<(), ndtransformer::Error>(())
+    /// ```
+    ///
+    /// # Panics
+    /// As [`new`](Self::new).
+    pub fn halves(max_len: usize, d_model: usize) -> Self {
+        let sines = d_model.div_ceil(2);
+        Self::sinusoids(max_len, d_model, |dim| {
+            if dim < sines {
+                (dim, true)
             } else {
-                angle.cos()
-            };
+                (dim - sines, false)
+            }
+        })
+    }
+
+    /// The `[max_len, d_model]` table whose column `dim` is wave `i` of §3.5 (`sin` when the
+    /// flag is set, else `cos`) for `(i, sin) = wave(dim)`, in f64 rounded once.
+    fn sinusoids(max_len: usize, d_model: usize, wave: impl Fn(usize) -> (usize, bool)) -> Self {
+        let table = Array2::from_shape_fn((max_len, d_model), |(pos, dim)| {
+            let (i, sin) = wave(dim);
+            let angle = pos as f64 / 10000f64.powf((2 * i) as f64 / d_model as f64);
+            let v = if sin { angle.sin() } else { angle.cos() };
             v as f32
         });
         PositionalEncoding {

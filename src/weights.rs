@@ -255,6 +255,19 @@ impl<'a> Reader<'a> {
         Ok((q, scales))
     }
 
+    /// The file tensor `name` (without prefix) if the file has it, read and checked as any
+    /// other: a tensor a format may store without the model needing it.
+    pub(crate) fn optional_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<ArrayD<f32>>> {
+        if self.file.tensor(&format!("{}{name}", self.prefix)).is_err() {
+            return Ok(None);
+        }
+        self.file_tensor(name, shape).map(Some)
+    }
+
     /// Names under the prefix that were not read.
     pub(crate) fn unused(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -272,6 +285,13 @@ impl<'a> Reader<'a> {
 impl Source for Reader<'_> {
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let file = self.naming.file_name(name);
+        if file.row {
+            let row = [&[1], shape].concat();
+            let t = self.file_tensor(&file.name, &row)?;
+            return t
+                .into_shape_with_order(IxDyn(shape))
+                .map_err(|e| Error::Safetensors(format!("tensor `{}`: {e}", file.name)));
+        }
         let Some((part, parts)) = file.part else {
             return self.file_tensor(&file.name, shape);
         };
@@ -503,6 +523,12 @@ pub(crate) fn file_tensors(
     model.visit(&mut |name, t| {
         let file = naming.file_name(name);
         match file.part {
+            None if file.row => {
+                let values = t.values();
+                let row = values.to_shape(IxDyn(&[&[1], values.shape()].concat()));
+                let row = row.expect("a vector is a row").into_owned();
+                tensors.push((file.name, FileTensor::f32(row.into())));
+            }
             None => push_tensor(&mut tensors, file.name, &t),
             Some((part, parts)) => {
                 let stack = stacks.entry(file.name).or_insert_with(|| vec![None; parts]);

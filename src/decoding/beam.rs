@@ -78,7 +78,8 @@ pub(crate) struct StepRule {
 
 /// The beam-search state of one batch row.
 pub(crate) struct RowSearch {
-    max_len: usize,
+    /// Largest number of generated tokens.
+    pub(crate) max_len: usize,
     /// Live hypotheses, in cache-slot order.
     pub(crate) live: Vec<Live>,
     finished: Vec<Hypothesis>,

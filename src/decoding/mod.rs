@@ -185,6 +185,10 @@ pub struct GenerateOptions {
     /// On request, each returned hypothesis's alignment: this decoder layer's
     /// cross-attention, averaged over heads, `[tokens, src_len]`.
     pub alignment_layer: Option<usize>,
+    /// An output that reaches its maximum length ends with EOS: the last token it may
+    /// generate can only be EOS (`transformers`' `forced_eos_token_id`, which Marian sets).
+    /// Needs `eos_id`.
+    pub forced_eos: bool,
 }
 
 impl GenerateOptions {
@@ -203,6 +207,7 @@ impl GenerateOptions {
             suppress_tokens: Vec::new(),
             prefix: Vec::new(),
             alignment_layer: None,
+            forced_eos: false,
         }
     }
 
@@ -523,7 +528,7 @@ impl Transformer {
             if !rules.is_empty() {
                 for (&(row, beam), mut logits) in slots.iter().zip(log_probs.rows_mut()) {
                     let logits = logits.as_slice_mut().expect("logits in standard layout");
-                    rules.apply(logits, &rows[row].live[beam].context);
+                    rules.apply(logits, &rows[row].live[beam].context, rows[row].max_len);
                 }
             }
             ops::log_softmax_rows_inplace(log_probs.view_mut());
@@ -654,6 +659,12 @@ impl Transformer {
         }
         for &t in &o.suppress_tokens {
             self.check_token("suppress_tokens", t)?;
+        }
+        if o.forced_eos && o.eos_id.is_none() {
+            return fail(
+                "forced_eos",
+                "forced_eos needs an eos_id to force".to_string(),
+            );
         }
         let layers = self.config().num_decoder_layers;
         if let Some(layer) = o.alignment_layer.filter(|&l| l >= layers) {

@@ -1,5 +1,6 @@
 //! The rules that reshape next-token logits before a token is chosen: a minimum length,
-//! suppressed tokens, the repetition penalty and the no-repeat n-gram ban.
+//! suppressed tokens, the repetition penalty, the no-repeat n-gram ban and a forced EOS at the
+//! maximum length.
 //!
 //! They act on the raw logits of one hypothesis, before the log-softmax of beam search, the
 //! argmax of greedy decoding or the softmax of sampling (as CTranslate2 applies them). A token
@@ -14,6 +15,7 @@ pub(crate) struct LogitRules<'a> {
     repetition_penalty: f32,
     no_repeat_ngram_size: usize,
     suppress_tokens: &'a [u32],
+    forced_eos: bool,
 }
 
 impl<'a> LogitRules<'a> {
@@ -24,6 +26,7 @@ impl<'a> LogitRules<'a> {
             repetition_penalty: o.repetition_penalty,
             no_repeat_ngram_size: o.no_repeat_ngram_size,
             suppress_tokens: &o.suppress_tokens,
+            forced_eos: o.forced_eos && o.eos_id.is_some(),
         }
     }
 
@@ -33,11 +36,13 @@ impl<'a> LogitRules<'a> {
             && self.repetition_penalty == 1.0
             && self.no_repeat_ngram_size == 0
             && self.suppress_tokens.is_empty()
+            && !self.forced_eos
     }
 
     /// Applies every rule to `logits` `[tgt_vocab]` of a hypothesis whose decoder input so far
-    /// is `context` (BOS, then its tokens, a forced prefix included).
-    pub(crate) fn apply(&self, logits: &mut [f32], context: &[u32]) {
+    /// is `context` (BOS, then its tokens, a forced prefix included) and which may generate at
+    /// most `max_len` tokens.
+    pub(crate) fn apply(&self, logits: &mut [f32], context: &[u32], max_len: usize) {
         if self.repetition_penalty != 1.0 {
             repetition_penalty(logits, context, self.repetition_penalty);
         }
@@ -53,6 +58,12 @@ impl<'a> LogitRules<'a> {
         if let Some(eos) = self.eos_id {
             if context.len() - 1 < self.min_len {
                 logits[eos as usize] = f32::NEG_INFINITY;
+            }
+            // The last token allowed is EOS, whatever the other rules said of it (as
+            // `transformers` applies `ForcedEOSTokenLogitsProcessor` after the others).
+            if self.forced_eos && context.len() == max_len {
+                logits.fill(f32::NEG_INFINITY);
+                logits[eos as usize] = 0.0;
             }
         }
     }
@@ -118,10 +129,32 @@ mod tests {
         };
         let rules = LogitRules::new(&o);
         let mut logits = [0.5f32; 4];
-        rules.apply(&mut logits, &[0, 2]);
+        rules.apply(&mut logits, &[0, 2], 10);
         assert_eq!(logits, [0.5, f32::NEG_INFINITY, 0.5, f32::NEG_INFINITY]);
         let mut logits = [0.5f32; 4];
-        rules.apply(&mut logits, &[0, 2, 2]);
+        rules.apply(&mut logits, &[0, 2, 2], 10);
         assert_eq!(logits, [0.5, 0.5, 0.5, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn forced_eos_leaves_only_eos_at_the_last_token() {
+        let o = GenerateOptions {
+            forced_eos: true,
+            ..GenerateOptions::greedy(0, Some(1), 3)
+        };
+        let rules = LogitRules::new(&o);
+        assert!(!rules.is_empty());
+        let mut logits = [0.5f32, -3.0, 2.0];
+        rules.apply(&mut logits, &[0, 2], 3);
+        assert_eq!(logits, [0.5, -3.0, 2.0]);
+        // Two tokens generated of at most three: the third must be EOS.
+        rules.apply(&mut logits, &[0, 2, 2], 3);
+        assert_eq!(logits, [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]);
+        // Without an EOS there is nothing to force.
+        let o = GenerateOptions {
+            forced_eos: true,
+            ..GenerateOptions::greedy(0, None, 3)
+        };
+        assert!(LogitRules::new(&o).is_empty());
     }
 }

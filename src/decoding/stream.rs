@@ -173,7 +173,7 @@ impl<'a> TokenStream<'a> {
                 .and_then(|p| p.get(generated))
                 .copied();
             if !rules.is_empty() {
-                rules.apply(logits, &state.context);
+                rules.apply(logits, &state.context, state.max_len);
             }
             let token = match (forced, self.sampler.as_mut()) {
                 (Some(token), _) => token,

@@ -86,6 +86,10 @@ pub(crate) enum Epilogue {
     BiasRelu,
     /// `gelu(y + b)`, exact
     BiasGelu,
+    /// `gelu(y + b)` in its tanh approximation
+    BiasGeluTanh,
+    /// `silu(y + b)`, also called swish
+    BiasSilu,
 }
 
 /// A weight as [`linear`] takes it.
@@ -359,7 +363,13 @@ mod tests {
         let w = Array2::from_shape_fn((2000, 40), |(o, i)| ((o * 5 + i) % 13) as f32 * 0.05 - 0.3);
         let b = Array1::from_shape_fn(2000, |o| (o % 7) as f32 * 0.25 - 0.75);
         let panels = pack_panels(w.t());
-        for epilogue in [Epilogue::Bias, Epilogue::BiasRelu, Epilogue::BiasGelu] {
+        for epilogue in [
+            Epilogue::Bias,
+            Epilogue::BiasRelu,
+            Epilogue::BiasGelu,
+            Epilogue::BiasGeluTanh,
+            Epilogue::BiasSilu,
+        ] {
             let y = linear(x.view(), Weight::Plain(w.view()), Some(b.view()), epilogue);
             let mut expected = Array2::from_shape_fn((600, 2000), |(_, o)| b[o]);
             blocked_product(x.view(), w.t(), 1.0, 1.0, &mut expected.view_mut(), 2);
