@@ -35,7 +35,7 @@ use std::sync::{Mutex, PoisonError};
 
 use ndarray::{s, Array2, ArrayView1, ArrayView2};
 
-use crate::decoding::{BeamSearchOptions, GreedyOptions, Hypothesis};
+use crate::decoding::{BeamSearchOptions, GenerateOptions, GreedyOptions, Hypothesis};
 use crate::error::{Error, Result};
 use crate::mask::KeyPaddingMask;
 use crate::transformer::Transformer;
@@ -434,6 +434,44 @@ impl Transformer {
             sources,
             corpus,
             |src, padding| self.beam_search(src, padding, options),
+            progress,
+        )
+    }
+
+    /// [`generate`](Self::generate) of every sequence of `sources` with every control of
+    /// [`GenerateOptions`] (a checkpoint's own settings, for example
+    /// [`MarianCheckpoint::generation`](crate::marian::MarianCheckpoint)), in batches sorted by
+    /// length under a token budget ([`decode_corpus`]); results in input order.
+    ///
+    /// # Shapes
+    /// As [`beam_search_corpus`](Self::beam_search_corpus).
+    ///
+    /// # Errors
+    /// As [`beam_search_corpus`](Self::beam_search_corpus) with [`generate`](Self::generate)'s
+    /// checks, and [`Error::Decoding`] for a forced `prefix`, which names batch rows that a
+    /// corpus reorders (decode those sequences with [`generate`](Self::generate)).
+    pub fn generate_corpus<S: AsRef<[u32]> + Sync>(
+        &self,
+        sources: &[S],
+        corpus: &CorpusOptions,
+        options: &GenerateOptions,
+        progress: impl FnMut(CorpusProgress) + Send,
+    ) -> Result<Vec<Vec<Hypothesis>>> {
+        self.check_pad_id(corpus.pad_id)?;
+        if !options.prefix.is_empty() {
+            return Err(Error::Decoding {
+                parameter: "prefix",
+                reason: format!(
+                    "prefix holds {} rows, but a corpus reorders its sequences into batches; \
+                     decode prefixed sequences with generate",
+                    options.prefix.len()
+                ),
+            });
+        }
+        decode_corpus(
+            sources,
+            corpus,
+            |src, padding| self.generate(src, padding, options),
             progress,
         )
     }

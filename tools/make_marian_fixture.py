@@ -438,6 +438,16 @@ def make_variant(out, work, separate, seed):
         again = reloaded(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_ids_t,
                          decoder_attention_mask=dec_mask_t)
     assert torch.equal(again.logits, fwd.logits), "reloaded model differs"
+    double = MarianMTModel.from_pretrained(d).eval().double()
+    with torch.no_grad():
+        fwd64 = double(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_ids_t,
+                       decoder_attention_mask=dec_mask_t)
+    real = dec_mask_t.bool()
+    f32_rounding = {
+        "logits": (fwd.logits.double() - fwd64.logits)[real].abs().max().item(),
+        "encoder_output": (fwd.encoder_last_hidden_state.double()
+                           - fwd64.encoder_last_hidden_state).abs().max().item(),
+    }
     tok2 = MarianTokenizer.from_pretrained(d)
     assert tok2(SENTENCES, padding=True)["input_ids"] == input_ids.tolist(), "reloaded tokenizer differs"
     assert target_ids(tok2, TARGET_TEXTS) == tgt_rows
@@ -452,6 +462,10 @@ def make_variant(out, work, separate, seed):
         "decoder_attention_mask": dec_mask_t.to(torch.int64),
         "logits": fwd.logits.float().contiguous(),
         "encoder_output": fwd.encoder_last_hidden_state.float().contiguous(),
+        # The same pass in float64 (rounded to float32 once): the exact values float32
+        # implementations approximate, to measure each one's rounding.
+        "logits_f64": fwd64.logits.float().contiguous(),
+        "encoder_output_f64": fwd64.encoder_last_hidden_state.float().contiguous(),
         "greedy_sequences": greedy.to(torch.int64).contiguous(),
         "beam_sequences": beam.sequences.to(torch.int64).contiguous(),
         "beam_sequences_scores": beam.sequences_scores.float().contiguous(),
@@ -468,6 +482,8 @@ def make_variant(out, work, separate, seed):
         "seed": seed,
         "model_seed": model_seed,
         "eos_bias": eos_bias,
+        # max |transformers float32 - float64| on real positions: the reference's own rounding.
+        "f32_rounding": f32_rounding,
         "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
                      "sentencepiece": spm.__version__, "numpy": np.__version__},
         "config": {k: getattr(config, k) for k in [
