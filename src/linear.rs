@@ -17,8 +17,8 @@ use crate::{huge_pages, init, ops};
 /// The weight is kept transposed (`Wᵀ`, `[in, out]`) and cut into panels of 128 output
 /// columns, each contiguous, so that the product `x Wᵀ` reads it front to back whatever the
 /// number of rows (the layout of `src/ops/panels.rs`). [`weight`](Self::weight) gives
-/// PyTorch's `[out, in]` back. A projection tied to an embedding table (§3.4) reads the
-/// table's rows in place instead.
+/// PyTorch's `[out, in]` back. A projection tied to an embedding table (§3.4) shares the
+/// table and keeps its own panels copy of it for the products.
 ///
 /// ```
 /// use ndarray::{array, Array3};
@@ -43,8 +43,11 @@ enum Stored {
     /// `Wᵀ` in panels, `[out.div_ceil(128), in, 128]` (`ops::pack_panels`); possibly one part
     /// of a larger allocation shared with sibling layers ([`pack_weights`]).
     Panels(ArcArray<f32, Ix3>),
-    /// `W` itself, `[out, in]`, shared with the embedding table it is tied to.
-    Rows(ArcArray<f32, Ix2>),
+    /// `W` itself, `[out, in]`, shared with the embedding table it is tied to, and a copy of
+    /// `Wᵀ` in panels for the products: read in place, the table's rows are repacked whole by
+    /// every product, which made each decoding step of a tied model (OPUS-MT, 58101 × 512)
+    /// stream the table twice more.
+    Rows(ArcArray<f32, Ix2>, ArcArray<f32, Ix3>),
     /// `W` as int8 values with one scale per output row ([`Precision::Int8`]).
     Int8(ops::Int8Weight),
     /// An int8 embedding table the layer is tied to, shared.
@@ -98,11 +101,11 @@ impl Linear {
         }
     }
 
-    /// A layer whose weight is `table`, `[out, in]`, shared and not copied: the output
-    /// projection tied to the target embedding (§3.4).
+    /// A layer whose weight is `table`, `[out, in]`, shared: the output projection tied to the
+    /// target embedding (§3.4). An f32 table also gets a panels copy for the products.
     pub(crate) fn tied(table: Table, bias: Option<Array1<f32>>) -> Self {
         let (out_features, weight) = match table {
-            Table::F32(w) => (w.nrows(), Stored::Rows(w)),
+            Table::F32(w) => (w.nrows(), Self::rows(w)),
             Table::Int8(q) => (q.out_features(), Stored::TiedInt8(q)),
         };
         debug_assert!(bias.as_ref().is_none_or(|b| b.len() == out_features));
@@ -111,6 +114,12 @@ impl Linear {
             out_features,
             bias,
         }
+    }
+
+    /// The tied f32 storage of `table`: the table and its panels copy.
+    fn rows(table: ArcArray<f32, Ix2>) -> Stored {
+        let panels = ops::pack_panels(table.t()).into_shared();
+        Stored::Rows(table, panels)
     }
 
     /// Ties the layer to `table` again, after the table changed precision.
@@ -123,7 +132,7 @@ impl Linear {
     pub(crate) fn is_tied(&self) -> bool {
         matches!(
             self.weight,
-            Stored::Rows(_) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_))
+            Stored::Rows(..) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_))
         )
     }
 
@@ -149,7 +158,7 @@ impl Linear {
     pub fn in_features(&self) -> usize {
         match &self.weight {
             Stored::Panels(p) => p.shape()[1],
-            Stored::Rows(w) => w.ncols(),
+            Stored::Rows(w, _) => w.ncols(),
             Stored::Int8(q) | Stored::TiedInt8(q) => q.in_features(),
             Stored::Bf16(w, _) => w.in_features(),
         }
@@ -158,7 +167,7 @@ impl Linear {
     /// The precision the weight is stored in.
     pub fn precision(&self) -> Precision {
         match &self.weight {
-            Stored::Panels(_) | Stored::Rows(_) => Precision::F32,
+            Stored::Panels(_) | Stored::Rows(..) => Precision::F32,
             Stored::Int8(_) | Stored::TiedInt8(_) => Precision::Int8,
             Stored::Bf16(..) => Precision::Bf16,
         }
@@ -185,7 +194,7 @@ impl Linear {
             (Precision::F32, Stored::Int8(q) | Stored::TiedInt8(q)) => {
                 self.weight = Stored::Panels(ops::pack_panels(q.dequantize().t()).into_shared());
             }
-            (Precision::Int8, Stored::Panels(_) | Stored::Rows(_)) => {
+            (Precision::Int8, Stored::Panels(_) | Stored::Rows(..)) => {
                 let q = {
                     let w = self.weight_view();
                     first_non_finite("weight", w.view().into_dyn())?;
@@ -196,18 +205,18 @@ impl Linear {
             (Precision::Int8, Stored::TiedInt8(q)) => self.weight = Stored::Int8(q.clone()),
             (Precision::F32, Stored::Bf16(w, tied)) => {
                 self.weight = match tied {
-                    Some(table) => Stored::Rows(table.clone()),
+                    Some(table) => Self::rows(table.clone()),
                     None => Stored::Panels(ops::pack_panels(w.dequantize().t()).into_shared()),
                 };
             }
-            (Precision::Bf16, Stored::Panels(_) | Stored::Rows(_)) => {
+            (Precision::Bf16, Stored::Panels(_) | Stored::Rows(..)) => {
                 let w = {
                     let w = self.weight_view();
                     first_non_finite("weight", w.view().into_dyn())?;
                     ops::Bf16Weight::from_f32(w.view())
                 };
                 let tied = match &self.weight {
-                    Stored::Rows(table) => Some(table.clone()),
+                    Stored::Rows(table, _) => Some(table.clone()),
                     _ => None,
                 };
                 self.weight = Stored::Bf16(w, tied);
@@ -225,10 +234,11 @@ impl Linear {
         Ok(())
     }
 
-    /// Bytes of the bf16 copy a tied projection keeps of its f32 table (0 otherwise): memory
-    /// the parameter walk, which reports the table once, does not count.
+    /// Bytes of the panels (f32 or bf16) a tied projection keeps of its f32 table (0
+    /// otherwise): memory the parameter walk, which reports the table once, does not count.
     pub(crate) fn tied_copy_bytes(&self) -> usize {
         match &self.weight {
+            Stored::Rows(_, p) => std::mem::size_of_val(p.as_slice_memory_order().unwrap_or(&[])),
             Stored::Bf16(w, Some(_)) => w.bytes(),
             _ => 0,
         }
@@ -248,7 +258,7 @@ impl Linear {
     pub(crate) fn weight_view(&self) -> CowArray<'_, f32, Ix2> {
         match &self.weight {
             Stored::Panels(p) => ops::unpack_panels(p.view(), self.out_features).into(),
-            Stored::Rows(w) => w.view().into(),
+            Stored::Rows(w, _) => w.view().into(),
             Stored::Int8(q) | Stored::TiedInt8(q) => q.dequantize().into(),
             Stored::Bf16(w, _) => w.dequantize().into(),
         }
@@ -258,7 +268,7 @@ impl Linear {
     fn kernel_weight(&self) -> ops::Weight<'_> {
         match &self.weight {
             Stored::Panels(p) => ops::Weight::Panels(p.view(), self.out_features),
-            Stored::Rows(w) => ops::Weight::Plain(w.view()),
+            Stored::Rows(_, p) => ops::Weight::Panels(p.view(), self.out_features),
             Stored::Int8(q) | Stored::TiedInt8(q) => ops::Weight::Int8(q),
             Stored::Bf16(w, _) => ops::Weight::Bf16(w),
         }
@@ -399,7 +409,7 @@ impl Parameters for Linear {
             Stored::Int8(q) => f("weight", Tensor::Int8(q)),
             Stored::Bf16(w, None) => f("weight", Tensor::Bf16(w)),
             // A tied weight is reported by the table that owns it.
-            Stored::Rows(_) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_)) => {}
+            Stored::Rows(..) | Stored::TiedInt8(_) | Stored::Bf16(_, Some(_)) => {}
         }
         if let Some(b) = &self.bias {
             f("bias", Tensor::Plain(b.view().into_dyn()));
@@ -415,7 +425,7 @@ pub(crate) fn pack_weights(layers: &mut [&mut Linear]) {
         .iter()
         .map(|l| match &l.weight {
             Stored::Panels(p) => Some(p),
-            Stored::Rows(_) | Stored::Int8(_) | Stored::TiedInt8(_) | Stored::Bf16(..) => None,
+            Stored::Rows(..) | Stored::Int8(_) | Stored::TiedInt8(_) | Stored::Bf16(..) => None,
         })
         .collect();
     let Some(panels) = panels else {

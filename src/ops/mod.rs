@@ -95,7 +95,10 @@ pub(crate) enum Epilogue {
 /// A weight as [`linear`] takes it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Weight<'a> {
-    /// `W`, `[out, in]` (PyTorch's layout), any strides: a tied embedding table.
+    /// `W`, `[out, in]` (PyTorch's layout), any strides. The layers keep their weights in
+    /// panels (a tied table too, since a plain `W` is repacked by every product); the tests
+    /// use this layout as the reference.
+    #[cfg_attr(not(test), allow(dead_code))]
     Plain(ArrayView2<'a, f32>),
     /// `Wᵀ` in panels ([`pack_panels`]), with its number of columns (`out`).
     Panels(ArrayView3<'a, f32>, usize),
