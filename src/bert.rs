@@ -147,18 +147,7 @@ impl EncoderModel {
     ) -> Result<Self> {
         let mut r = Reader::new(bytes, &naming::BERT, options)?;
         let mut model = EncoderModel::from_scope(&mut Scope::root(&mut r), config)?;
-        let unused: Vec<String> = r
-            .unused()
-            .into_iter()
-            .filter(|n| {
-                !SKIPPED
-                    .iter()
-                    .any(|s| n.strip_prefix(&options.prefix) == Some(s))
-            })
-            .collect();
-        if options.strict && !unused.is_empty() {
-            return Err(Error::UnexpectedTensors { names: unused });
-        }
+        r.finish(options, &SKIPPED)?;
         if let Some(precision) = options.precision {
             model.quantize(precision)?;
         }

@@ -485,10 +485,7 @@ impl Transformer {
             }
         }
         let mut model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
-        let unused = r.unused();
-        if options.strict && !unused.is_empty() {
-            return Err(Error::UnexpectedTensors { names: unused });
-        }
+        r.finish(options, &[])?;
         if let Some(precision) = options.precision {
             model.quantize(precision)?;
         }

@@ -268,6 +268,27 @@ impl<'a> Reader<'a> {
         self.file_tensor(name, shape).map(Some)
     }
 
+    /// The names under the prefix that were not read, except `skipped` (names a format may
+    /// hold that no model uses, without the prefix).
+    ///
+    /// # Errors
+    /// [`Error::UnexpectedTensors`] listing them if there are any and `options.strict`.
+    pub(crate) fn finish(&self, options: &LoadOptions, skipped: &[&str]) -> Result<Vec<String>> {
+        let unused: Vec<String> = self
+            .unused()
+            .into_iter()
+            .filter(|n| {
+                !skipped
+                    .iter()
+                    .any(|s| n.strip_prefix(&options.prefix) == Some(s))
+            })
+            .collect();
+        if options.strict && !unused.is_empty() {
+            return Err(Error::UnexpectedTensors { names: unused });
+        }
+        Ok(unused)
+    }
+
     /// Names under the prefix that were not read.
     pub(crate) fn unused(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -446,10 +467,7 @@ impl Transformer {
     ) -> Result<(Self, LoadReport)> {
         let mut r = Reader::new(bytes, &naming::PYTORCH, options)?;
         let mut model = Transformer::from_scope(&mut Scope::root(&mut r), config)?;
-        let unused = r.unused();
-        if options.strict && !unused.is_empty() {
-            return Err(Error::UnexpectedTensors { names: unused });
-        }
+        let unused = r.finish(options, &[])?;
         if let Some(precision) = options.precision {
             model.quantize(precision)?;
         }

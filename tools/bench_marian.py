@@ -33,10 +33,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
-import time
 from pathlib import Path
+
+from bench_ctranslate2 import median_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,14 +75,8 @@ def cpu_flags() -> str:
 
 
 def median_seconds(run, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median wall time of ``runs`` calls of ``run`` after ``warmup`` untimed ones, in s."""
+    return median_ms(run, runs, warmup) / 1e3
 
 
 def bench_transformers(model_dir: Path, sentences: list[str], args) -> dict[str, float]:
