@@ -145,11 +145,7 @@ fn a_bf16_forward_stays_close_to_f32_and_does_not_depend_on_the_thread_count() {
     };
     let (src, tgt) = (ids(&mut rng), ids(&mut rng));
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::in_pool(threads, || {
             let logits = model.forward(src.view(), tgt.view(), None, None).unwrap();
             let memory = model.encode(src.view(), None).unwrap();
             let mut cache = model.start_decoding(memory.view(), None).unwrap();

@@ -2,6 +2,8 @@
 //! one model shared by several threads gives, bit for bit, the results of a sequential run; and
 //! the results do not depend on the size of the rayon pool.
 
+mod common;
+
 use std::sync::Arc;
 
 use ndarray::{s, Array1, Array2, Array3};
@@ -209,13 +211,7 @@ fn a_decoder_cache_moves_between_threads() {
 fn results_do_not_depend_on_the_pool_size() {
     let model = Transformer::new(config(), &mut StdRng::seed_from_u64(8)).unwrap();
     let x = inputs();
-    let in_pool = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| run(&model, &x))
-    };
+    let in_pool = |threads: usize| common::in_pool(threads, || run(&model, &x));
     let one = in_pool(1);
     for threads in 2..=4 {
         let many = in_pool(threads);
@@ -241,11 +237,7 @@ fn decoding_steps_at_the_threading_threshold_do_not_depend_on_the_pool_size() {
     let mut rng = StdRng::seed_from_u64(4);
     let src = Array2::from_shape_simple_fn((4, 6), || rng.random_range(0..64u32));
     let steps = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::in_pool(threads, || {
             let memory = model.encode(src.view(), None).unwrap();
             let mut cache = model.start_decoding(memory.view(), None).unwrap();
             (0..3)

@@ -298,11 +298,7 @@ fn same_seed_same_samples_on_one_and_two_threads_and_the_stream_yields_them() {
         top_p: 0.95,
     };
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::in_pool(threads, || {
             let mut rng = StdRng::seed_from_u64(77);
             model
                 .sample(src.view(), Some(&padding), &options, &sampling, &mut rng)

@@ -90,10 +90,8 @@ fn an_int8_forward_stays_close_to_f32_on_a_fixture_model_at_any_thread_count() {
     let (int8, b) = accuracy::fixture_logits_stay_close(Precision::Int8, 0.05);
     let fixture = common::Fixture::load("tiny_postln_relu");
     let (src, tgt) = (fixture.ids("io.src_ids"), fixture.ids("io.tgt_ids"));
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let c = one.install(|| int8.forward(src.view(), tgt.view(), None, None).unwrap());
+    let c = common::in_pool(1, || {
+        int8.forward(src.view(), tgt.view(), None, None).unwrap()
+    });
     assert_eq!(b, c);
 }

@@ -2,6 +2,8 @@
 //! 1 and 2 threads agree bit for bit (threads split a product's rows and columns, never its
 //! sums). tests/concurrency.rs checks more pool sizes and concurrent callers.
 
+mod common;
+
 use ndarray::Array2;
 use ndtransformer::{GreedyOptions, KeyPaddingMask, NormPosition, Transformer, TransformerConfig};
 use rand::{rngs::StdRng, RngExt, SeedableRng};
@@ -24,11 +26,7 @@ fn one_and_two_threads_agree() {
     let tgt = Array2::from_shape_simple_fn((6, 30), || rng.random_range(3..300u32));
     let padding = KeyPaddingMask::from_lengths(&[40, 33, 20, 40, 7, 1], 40).unwrap();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::in_pool(threads, || {
             let logits = model
                 .forward(src.view(), tgt.view(), Some(&padding), None)
                 .unwrap();

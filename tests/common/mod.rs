@@ -314,3 +314,12 @@ pub fn rankings(e: ndarray::ArrayView2<f32>) -> Vec<Vec<usize>> {
         })
         .collect()
 }
+
+/// `f` run on a fresh rayon pool of `threads` threads (results must not depend on the count).
+pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool")
+        .install(f)
+}
