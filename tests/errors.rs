@@ -4,6 +4,9 @@
 //! Each test builds a tiny model (d_model 8, one layer each side), so the file runs in well
 //! under a second.
 
+mod common;
+
+use common::{f32s, serialize, tensors_of, Tensor};
 use half::{bf16, f16};
 use ndarray::{array, s, Array1, Array2, Array3};
 use ndtransformer::{
@@ -12,8 +15,7 @@ use ndtransformer::{
     Transformer, TransformerConfig,
 };
 use rand::{rngs::StdRng, RngExt, SeedableRng};
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
+use safetensors::tensor::Dtype;
 
 /// Source vocabulary 10, target vocabulary 12, positions up to 8.
 fn tiny() -> TransformerConfig {
@@ -544,46 +546,6 @@ fn sizes_beyond_what_an_array_can_hold() {
 }
 
 // --- Weights files ---------------------------------------------------------------------------
-
-/// One tensor of a safetensors file, owned.
-struct Tensor {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn tensors_of(bytes: &[u8]) -> Vec<Tensor> {
-    let file = SafeTensors::deserialize(bytes).unwrap();
-    let mut out: Vec<Tensor> = file
-        .tensors()
-        .into_iter()
-        .map(|(name, t)| Tensor {
-            name,
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-            data: t.data().to_vec(),
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-fn serialize(tensors: &[Tensor]) -> Vec<u8> {
-    let views = tensors.iter().map(|t| {
-        (
-            t.name.clone(),
-            TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
-        )
-    });
-    safetensors::serialize(views, None).unwrap()
-}
-
-fn f32s(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 fn model_bytes() -> Vec<u8> {
     model().to_safetensors().unwrap()

@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{fixtures_dir, TensorFile};
+use common::{fixtures_dir, serialize, tensors_of, Tensor, TensorFile};
 use ndarray::{s, Array2, Ix3};
 use ndtransformer::marian::{self, MarianCheckpoint};
 use ndtransformer::{
@@ -296,49 +296,21 @@ fn files(variant: &str) -> (String, String, Vec<u8>) {
     )
 }
 
-/// `bytes` with tensor `name` replaced (`Some`) or removed (`None`).
+/// `bytes` with tensor `name` replaced by an f32 one (`Some`) or removed (`None`).
 fn edit(bytes: &[u8], name: &str, replacement: Option<ndarray::ArrayD<f32>>) -> Vec<u8> {
-    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    let mut tensors: Vec<(String, ndarray::ArrayD<f32>)> = file
-        .tensors()
+    let mut tensors: Vec<Tensor> = tensors_of(bytes)
         .into_iter()
-        .filter(|(n, _)| n != name)
-        .map(|(n, view)| {
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (
-                n,
-                ndarray::ArrayD::from_shape_vec(view.shape(), values).unwrap(),
-            )
-        })
+        .filter(|t| t.name != name)
         .collect();
     if let Some(t) = replacement {
-        tensors.push((name.to_string(), t));
+        tensors.push(Tensor {
+            name: name.to_string(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.shape().to_vec(),
+            data: t.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let bytes: &[u8] = bytemuck_f32(t.as_slice().unwrap());
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    t.shape().to_vec(),
-                    bytes,
-                )
-                .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, None).unwrap()
-}
-
-fn bytemuck_f32(values: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+    serialize(&tensors)
 }
 
 #[test]

@@ -323,3 +323,48 @@ pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .expect("a rayon pool")
         .install(f)
 }
+
+// --- Editing safetensors files ---------------------------------------------------------------
+
+/// One tensor of a safetensors file, owned.
+pub struct Tensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Every tensor of a safetensors file, sorted by name.
+pub fn tensors_of(bytes: &[u8]) -> Vec<Tensor> {
+    let file = SafeTensors::deserialize(bytes).unwrap();
+    let mut out: Vec<Tensor> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| Tensor {
+            name,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data: t.data().to_vec(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The tensors as safetensors bytes.
+pub fn serialize(tensors: &[Tensor]) -> Vec<u8> {
+    let views = tensors.iter().map(|t| {
+        (
+            t.name.clone(),
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+        )
+    });
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Little-endian f32 bytes as values.
+pub fn f32s(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
