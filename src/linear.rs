@@ -238,7 +238,7 @@ impl Linear {
     /// otherwise): memory the parameter walk, which reports the table once, does not count.
     pub(crate) fn tied_copy_bytes(&self) -> usize {
         match &self.weight {
-            Stored::Rows(_, p) => std::mem::size_of_val(p.as_slice_memory_order().unwrap_or(&[])),
+            Stored::Rows(_, p) => p.len() * std::mem::size_of::<f32>(),
             Stored::Bf16(w, Some(_)) => w.bytes(),
             _ => 0,
         }

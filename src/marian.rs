@@ -229,10 +229,7 @@ pub fn config_from_json(text: &str) -> Result<MarianConfig> {
         Ok(x)
     };
     let src_vocab = f.usize("vocab_size", 58101)?;
-    let tgt_vocab = match f.get("decoder_vocab_size") {
-        None => src_vocab,
-        Some(_) => f.usize("decoder_vocab_size", 0)?,
-    };
+    let tgt_vocab = f.usize("decoder_vocab_size", src_vocab as u64)?;
     let share_embeddings = f.bool("share_encoder_decoder_embeddings", true)?;
     if share_embeddings && tgt_vocab != src_vocab {
         return Err(Error::config(
