@@ -12,9 +12,10 @@
 //! A directory holds `config.json`, `generation_config.json`, `model.safetensors` (for a
 //! checkpoint with only `pytorch_model.bin`, save it again with
 //! `model.save_pretrained(dir, safe_serialization=True)`), `source.spm`, `target.spm` and
-//! `vocab.json`. Without `--model` the example uses the small random Marian checkpoint of the
-//! tests (`tests/fixtures/marian/shared`, made by `tools/make_marian_fixture.py`): its
-//! "translations" are random text, but every step is the one a real OPUS-MT model takes.
+//! `vocab.json`. Without `--model` the example uses the tiny Marian checkpoint of the tests
+//! (`tests/fixtures/marian/shared`, which `tools/make_marian_fixture.py` trains on a few hundred
+//! template sentences): it translates sentences like its training ones and garbles the others,
+//! but every step is the one a real OPUS-MT model takes.
 //! `python3 tools/make_marian_fixture.py --full` writes a random checkpoint of opus-mt-en-de's
 //! size to `target/models/opus-mt-en-de-random` for timing.
 //!
@@ -47,9 +48,10 @@ use ndtransformer::{CorpusOptions, LoadOptions, MaxLength, Precision};
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// Two sentences in the style of the test checkpoint's training text, then two outside it.
 const DEMO: [&str; 4] = [
-    "The house is small and the garden is large.",
-    "Attention is all you need.",
+    "The old man reads an old book.",
+    "My neighbour opens the window every week.",
     "We translate sentences on the CPU, in Rust.",
     "How long does the train to Berlin take?",
 ];

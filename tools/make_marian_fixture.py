@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference data for loading Hugging Face Marian (OPUS-MT) checkpoints (`transformers.MarianMTModel`).
 
-Writes two tiny, randomly initialised Marian checkpoints with their tokenizer files and the
+Writes two tiny Marian checkpoints, trained here to translate a small English-German corpus, with their tokenizer files and the
 outputs of the PyTorch model, into `tests/fixtures/marian/<variant>/`:
 
 * `shared`: laid out like Helsinki-NLP/opus-mt-en-de: one vocabulary for both sides
@@ -31,19 +31,21 @@ vocabularies have no `<s>`). The separate variant's `vocab.json` has the source 
 its `target_vocab.json` is `</s>`, `<unk>`, the target pieces, `<pad>`. `tokenizer_config.json`
 and the vocabularies are written by `MarianTokenizer.save_pretrained`.
 
-Weights: `torch.manual_seed(model_seed)` then `MarianMTModel(config)`; every parameter except
-the fixed sinusoidal position tables (`embed_positions`, not saved, recomputed on load) is then
-redrawn from a generator on `model_seed + 1` so outputs are O(1) and any bias or norm path
-matters: embeddings (the `<pad>` row included) N(0, s_e^2), other weight matrices N(0, s_w^2)
-((s_e, s_w) = `STDS[variant]`, chosen so greedy decoding does not only repeat one token),
-biases N(0, 0.1^2), LayerNorm weights 1 + N(0, 0.2^2); the `final_logits_bias` buffer
-N(0, 0.5^2) plus `eos_bias` on the EOS entry. `model_seed` runs over `seed * 100 + k`
-(`k` = 0..39 for `shared`, 50..89 for `separate`) and `eos_bias` over 1.0, 1.25, ..., 5.0; the
-first pair whose greedy decodings of the fixture sentences end at least two rows with a
-generated EOS well before `max_length`, run at least two to `max_length` (where
-`forced_eos_token_id` puts EOS last) and are not just one repeated token (`greedy_ok`) is kept.
-The written directory is then reloaded with `from_pretrained` (model and tokenizer) and must
-give bit-identical logits and the same ids.
+Weights: `torch.manual_seed(model_seed)` (`seed`, `seed + 1` for `separate`), then
+`MarianMTModel(config)` (transformers' init), then `TRAIN_STEPS` AdamW steps (batch
+`TRAIN_BATCH`, lr `TRAIN_LR`, weight decay 0.01, label smoothing `LABEL_SMOOTHING`, one thread)
+on the parallel corpus of the templates below (the English and German templates are aligned
+item for item), with batches drawn by `random.Random(model_seed)`. Training, rather than random
+weights, gives what a real checkpoint has and random ones lack together: outputs that depend on
+the source (greedy rows translate, end early or run to `max_length`) and moderate conditioning,
+so float32 implementations agree to about 1e-6 on the logits (random weights large enough to
+give varied decodings put transformers' own float32 logits 3e-4 from its float64 pass). The
+untrained `final_logits_bias` buffer is then drawn from N(0, `FINAL_LOGITS_BIAS_STD`^2) so the
+loader's handling of it matters. The greedy decodings of the fixture sentences must end at
+least two rows with a generated EOS well before `max_length`, run at least two to
+`max_length` (where `forced_eos_token_id` puts EOS last) and not repeat a few tokens
+(`greedy_ok`), or the script stops. The written directory is then reloaded with
+`from_pretrained` (model and tokenizer) and must give bit-identical logits and the same ids.
 
 Reference outputs (eval mode, float32, CPU), per variant, in `expected.json` and
 `expected.safetensors` (see the Marian section of `tests/fixtures/FORMAT.md` for every key):
@@ -286,28 +288,55 @@ def generation_config(pad):
     )
 
 
-# Standard deviations (embeddings, other weight matrices) per variant: chosen so greedy decoding
-# does not collapse onto repeating the input token (tied embeddings make that the easy fixpoint).
-STDS = {False: (0.5, 0.5), True: (1.0, 0.5)}
+# Training (a tiny translation model, so the fixture is as well-conditioned as a real one)
+TRAIN_STEPS = 2500
+TRAIN_BATCH = 32
+TRAIN_LR = 3e-3
+LABEL_SMOOTHING = 0.1
+# N(0, FINAL_LOGITS_BIAS_STD^2) drawn into the (untrained) `final_logits_bias` buffer, so the
+# loader's handling of it matters.
+FINAL_LOGITS_BIAS_STD = 0.1
 
 
-def randomise(model, seed, eos_bias, emb_std, lin_std):
-    g = torch.Generator().manual_seed(seed)
+def parallel_corpus():
+    """English and German lines in the same order: the templates are aligned item for item and
+    `corpus` draws the same indices from the same seed."""
+    en = corpus(EN_SUBJECTS, EN_VERBS, EN_OBJECTS, EN_TAILS, EN_EXTRA, SEED)
+    de = corpus(DE_SUBJECTS, DE_VERBS, DE_OBJECTS, DE_TAILS, DE_EXTRA, SEED)
+    assert len(en) == len(de)
+    return en, de
+
+
+def train(model, tok, config, seed):
+    """AdamW on the parallel corpus, teacher-forced cross-entropy with label smoothing."""
+    en, de = parallel_corpus()
+    src = [tok(s)["input_ids"] for s in en]
+    tgt = target_ids(tok, de)
+    pad = config.pad_token_id
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=LABEL_SMOOTHING)
+    model.train()
+    for step in range(TRAIN_STEPS):
+        idx = [rng.randrange(len(src)) for _ in range(TRAIN_BATCH)]
+        s_ids, s_mask = pad_rows([src[i] for i in idx], pad)
+        rows = [tgt[i] for i in idx]
+        d_ids, d_mask = pad_rows([[config.decoder_start_token_id] + r[:-1] for r in rows], pad)
+        labels, _ = pad_rows(rows, -100)
+        out = model(input_ids=torch.tensor(s_ids), attention_mask=torch.tensor(s_mask),
+                    decoder_input_ids=torch.tensor(d_ids), decoder_attention_mask=torch.tensor(d_mask))
+        loss = loss_fn(out.logits.reshape(-1, out.logits.shape[-1]), torch.tensor(labels).reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == TRAIN_STEPS - 1:
+            print(f"  step {step}: loss {loss.item():.3f}", file=sys.stderr, flush=True)
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_positions" in name:
-                continue  # the fixed sinusoidal table: not saved, recomputed on load
-            if "layer_norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name or "shared" in name or "lm_head" in name:
-                p.copy_(emb_std * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(lin_std * torch.randn(p.shape, generator=g))
-        flb = 0.5 * torch.randn(model.final_logits_bias.shape, generator=g)
-        flb[0, model.config.eos_token_id] += eos_bias
-        model.final_logits_bias.copy_(flb)
+        model.final_logits_bias.copy_(
+            FINAL_LOGITS_BIAS_STD * torch.randn(model.final_logits_bias.shape, generator=g))
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,21 +398,6 @@ def target_ids(tok, texts):
     return tok(text_target=texts)["input_ids"]
 
 
-def run_variant(tok, separate, seed, eos_bias):
-    config = make_config(tok, separate)
-    torch.manual_seed(seed)
-    model = MarianMTModel(config)
-    randomise(model, seed + 1, eos_bias, *STDS[separate])
-    model.generation_config = generation_config(config.pad_token_id)
-    model.eval()
-    enc = tok(SENTENCES, padding=True, return_tensors="pt")
-    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
-    with torch.no_grad():
-        greedy = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
-                                do_sample=False, max_length=MAX_LENGTH)
-    return model, config, input_ids, attention_mask, greedy
-
-
 def greedy_ok(greedy, pad):
     """Some rows end with a generated EOS before max_length, some run to max_length, tokens vary."""
     lengths = [(row != pad).sum().item() + 1 for row in greedy[:, 1:]]
@@ -397,19 +411,21 @@ def greedy_ok(greedy, pad):
 def make_variant(out, work, separate, seed):
     name = "separate" if separate else "shared"
     tok = build_tokenizer(work, separate)
-    chosen = None
-    for k in range(40):
-        model_seed = seed * 100 + (50 if separate else 0) + k
-        for eos_bias in [1.0 + 0.25 * i for i in range(17)]:
-            model, config, input_ids, attention_mask, greedy = run_variant(tok, separate, model_seed, eos_bias)
-            if greedy_ok(greedy, config.pad_token_id):
-                chosen = (model_seed, eos_bias)
-                break
-        if chosen:
-            break
-    if chosen is None:
-        raise SystemExit(f"{name}: no candidate model decodes with early and full-length rows")
-    model_seed, eos_bias = chosen
+    config = make_config(tok, separate)
+    model_seed = seed + (1 if separate else 0)
+    torch.manual_seed(model_seed)
+    model = MarianMTModel(config)
+    print(f"{name}: training {TRAIN_STEPS} steps", file=sys.stderr, flush=True)
+    final_loss = train(model, tok, config, model_seed)
+    model.generation_config = generation_config(config.pad_token_id)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        greedy = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1,
+                                do_sample=False, max_length=MAX_LENGTH)
+    if not greedy_ok(greedy, config.pad_token_id):
+        raise SystemExit(f"{name}: greedy decoding of the fixture sentences does not end some rows "
+                         f"early and run others to max_length: {greedy.tolist()}")
     pad = config.pad_token_id
 
     d = os.path.join(out, name)
@@ -481,7 +497,9 @@ def make_variant(out, work, separate, seed):
         "variant": name,
         "seed": seed,
         "model_seed": model_seed,
-        "eos_bias": eos_bias,
+        "training": {"steps": TRAIN_STEPS, "batch": TRAIN_BATCH, "lr": TRAIN_LR,
+                     "label_smoothing": LABEL_SMOOTHING, "final_loss": final_loss,
+                     "final_logits_bias_std": FINAL_LOGITS_BIAS_STD},
         # max |transformers float32 - float64| on real positions: the reference's own rounding.
         "f32_rounding": f32_rounding,
         "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
@@ -533,7 +551,7 @@ def make_variant(out, work, separate, seed):
                     for k, v in tensors.items()},
     }
     write_json(os.path.join(d, "expected.json"), expected)
-    print(f"{name}: model seed {model_seed}, eos bias {eos_bias}, vocab {config.vocab_size}/"
+    print(f"{name}: model seed {model_seed}, final loss {final_loss:.3f}, vocab {config.vocab_size}/"
           f"{config.decoder_vocab_size}; greedy lengths "
           f"{[(r != pad).sum().item() for r in greedy]}", file=sys.stderr)
 
