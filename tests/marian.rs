@@ -29,17 +29,34 @@ struct Reference {
 }
 
 fn reference(variant: &str) -> Reference {
-    let dir = fixtures_dir().join("marian").join(variant);
-    let checkpoint = MarianCheckpoint::load(&dir)
-        .unwrap_or_else(|e| panic!("{variant}: loading {}: {e}", dir.display()));
-    let json =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let tensors = TensorFile::read(&dir.join("expected.safetensors"));
-    Reference {
-        dir,
-        checkpoint,
-        json,
-        tensors,
+    Reference::at(fixtures_dir().join("marian").join(variant))
+}
+
+impl Reference {
+    fn at(dir: PathBuf) -> Reference {
+        let checkpoint = MarianCheckpoint::load(&dir)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+        let json =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let tensors = TensorFile::read(&dir.join("expected.safetensors"));
+        Reference {
+            dir,
+            checkpoint,
+            json,
+            tensors,
+        }
+    }
+
+    /// The checkpoint's generation options with the reference's `max_length` (counted with
+    /// the decoder start token, as `transformers` counts it) and beam size.
+    fn options(&self, kind: &str) -> GenerateOptions {
+        let max_length = self.json[kind]["max_length"].as_u64().unwrap() as usize;
+        GenerateOptions {
+            beam_size: self.json[kind]["num_beams"].as_u64().unwrap() as usize,
+            max_len: ndtransformer::MaxLength::Fixed(max_length - 1),
+            ..self.checkpoint.generation.clone()
+        }
     }
 }
 
@@ -141,43 +158,46 @@ fn max_err_on_real_positions(
 #[test]
 fn encoder_output_and_logits_equal_transformers() {
     for variant in VARIANTS {
-        let r = reference(variant);
-        let model = &r.checkpoint.model;
-        let (src, padding) = r.source();
-        let tgt = r.tensors.ids("decoder_input_ids");
-        let tgt_mask = r.tensors.ids("decoder_attention_mask");
-        let tgt_padding = KeyPaddingMask::from_attention_mask(tgt_mask.view());
-        let memory = model.encode(src.view(), Some(&padding)).unwrap();
-        let logits = model
-            .forward(src.view(), tgt.view(), Some(&padding), Some(&tgt_padding))
+        check_forward_pass(&reference(variant), variant);
+    }
+}
+
+fn check_forward_pass(r: &Reference, variant: &str) {
+    let model = &r.checkpoint.model;
+    let (src, padding) = r.source();
+    let tgt = r.tensors.ids("decoder_input_ids");
+    let tgt_mask = r.tensors.ids("decoder_attention_mask");
+    let tgt_padding = KeyPaddingMask::from_attention_mask(tgt_mask.view());
+    let memory = model.encode(src.view(), Some(&padding)).unwrap();
+    let logits = model
+        .forward(src.view(), tgt.view(), Some(&padding), Some(&tgt_padding))
+        .unwrap();
+    // Padded source positions are computed by both and compared; logits are compared where
+    // the target is real (later positions see only padding, which the causal mask hides).
+    let every_source_position = vec![src.ncols(); src.nrows()];
+    for (what, got, lengths) in [
+        ("encoder_output", memory.view(), every_source_position),
+        ("logits", logits.view(), tgt_padding.lengths()),
+    ] {
+        let hf = r.tensors.f32(what).into_dimensionality::<Ix3>().unwrap();
+        let exact = r
+            .tensors
+            .f32(&format!("{what}_f64"))
+            .into_dimensionality::<Ix3>()
             .unwrap();
-        // Padded source positions are computed by both and compared; logits are compared where
-        // the target is real (later positions see only padding, which the causal mask hides).
-        let every_source_position = vec![src.ncols(); src.nrows()];
-        for (what, got, lengths) in [
-            ("encoder_output", memory.view(), every_source_position),
-            ("logits", logits.view(), tgt_padding.lengths()),
-        ] {
-            let hf = r.tensors.f32(what).into_dimensionality::<Ix3>().unwrap();
-            let exact = r
-                .tensors
-                .f32(&format!("{what}_f64"))
-                .into_dimensionality::<Ix3>()
-                .unwrap();
-            let vs_hf = max_err_on_real_positions(got, hf.view(), &lengths);
-            let ours = max_err_on_real_positions(got, exact.view(), &lengths);
-            let theirs = r.json["f32_rounding"][what].as_f64().unwrap() as f32;
-            let largest = hf.iter().fold(0f32, |m, v| m.max(v.abs()));
-            println!(
-                "{variant:>9} {what:<15} |ours - transformers| {vs_hf:.1e}; to float64: ours \
-                 {ours:.1e}, transformers {theirs:.1e} (largest |value| {largest:.1})"
-            );
-            assert!(
-                vs_hf <= 1e-5,
-                "{variant} {what}: {vs_hf:e} from transformers, {ours:e} from float64 \
-                 (transformers: {theirs:e})"
-            );
-        }
+        let vs_hf = max_err_on_real_positions(got, hf.view(), &lengths);
+        let ours = max_err_on_real_positions(got, exact.view(), &lengths);
+        let theirs = r.json["f32_rounding"][what].as_f64().unwrap() as f32;
+        let largest = hf.iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!(
+            "{variant:>9} {what:<15} |ours - transformers| {vs_hf:.1e}; to float64: ours \
+             {ours:.1e}, transformers {theirs:.1e} (largest |value| {largest:.1})"
+        );
+        assert!(
+            vs_hf <= 1e-5,
+            "{variant} {what}: {vs_hf:e} from transformers, {ours:e} from float64 \
+             (transformers: {theirs:e})"
+        );
     }
 }
 
@@ -185,47 +205,79 @@ fn encoder_output_and_logits_equal_transformers() {
 fn greedy_and_beam_search_reproduce_generate() {
     for variant in VARIANTS {
         let r = reference(variant);
-        let model = &r.checkpoint.model;
-        let (src, padding) = r.source();
-        let max_length = r.json["greedy"]["max_length"].as_u64().unwrap() as usize;
-        let greedy = GenerateOptions {
-            beam_size: 1,
-            ..r.checkpoint.generation.clone()
-        };
-        assert_eq!(
-            greedy.max_len,
-            ndtransformer::MaxLength::Fixed(max_length - 1)
-        );
-        let hyps = model.generate(src.view(), Some(&padding), &greedy).unwrap();
-        let got: Vec<Vec<u32>> = hyps.iter().map(|h| h[0].tokens.clone()).collect();
-        assert_eq!(
-            got,
-            r.generated("greedy_sequences"),
-            "{variant}: greedy ids"
-        );
-
-        let beam = &r.checkpoint.generation;
-        assert_eq!(
-            beam.beam_size,
-            r.json["beam"]["num_beams"].as_u64().unwrap() as usize
-        );
-        let hyps = model.generate(src.view(), Some(&padding), beam).unwrap();
-        let got: Vec<Vec<u32>> = hyps.iter().map(|h| h[0].tokens.clone()).collect();
-        assert_eq!(got, r.generated("beam_sequences"), "{variant}: beam ids");
-        let scores = r.tensors.f32("beam_sequences_scores");
-        for (row, (h, &want)) in hyps.iter().zip(scores.iter()).enumerate() {
-            let err = (h[0].score - want).abs();
-            assert!(
-                err <= 1e-5,
-                "{variant} row {row}: score {} vs {want}",
-                h[0].score
-            );
-        }
-        // Some rows end with EOS before the limit and some are cut there by the forced EOS,
-        // so both rules are exercised.
-        let lengths: Vec<usize> = got.iter().map(Vec::len).collect();
-        println!("{variant:>10} beam output lengths {lengths:?}");
+        // The fixture's generation config is what the reference ran.
+        assert_eq!(r.options("greedy").max_len, r.checkpoint.generation.max_len);
+        assert_eq!(r.options("beam"), r.checkpoint.generation);
+        check_generation(&r, variant);
     }
+}
+
+fn check_generation(r: &Reference, variant: &str) {
+    let model = &r.checkpoint.model;
+    let (src, padding) = r.source();
+    let hyps = model
+        .generate(src.view(), Some(&padding), &r.options("greedy"))
+        .unwrap();
+    let got: Vec<Vec<u32>> = hyps.iter().map(|h| h[0].tokens.clone()).collect();
+    assert_eq!(
+        got,
+        r.generated("greedy_sequences"),
+        "{variant}: greedy ids"
+    );
+
+    let hyps = model
+        .generate(src.view(), Some(&padding), &r.options("beam"))
+        .unwrap();
+    let got: Vec<Vec<u32>> = hyps.iter().map(|h| h[0].tokens.clone()).collect();
+    assert_eq!(got, r.generated("beam_sequences"), "{variant}: beam ids");
+    let scores = r.tensors.f32("beam_sequences_scores");
+    for (row, (h, &want)) in hyps.iter().zip(scores.iter()).enumerate() {
+        let err = (h[0].score - want).abs();
+        assert!(
+            err <= 1e-5,
+            "{variant} row {row}: score {} vs {want}",
+            h[0].score
+        );
+    }
+    // Some rows end with EOS before the limit and some are cut there by the forced EOS,
+    // so both rules are exercised.
+    let lengths: Vec<usize> = got.iter().map(Vec::len).collect();
+    println!("{variant:>10} beam output lengths {lengths:?}");
+}
+
+/// The same checks at opus-mt-en-de's size (d_model 512, 6 + 6 layers, 8 heads, FFN 2048,
+/// vocabulary 58101, transformers' random init). Its 296 MB checkpoint and reference are
+/// made by `python3 tools/make_marian_fixture.py --full` (about 3 minutes, needs
+/// `tools/requirements.txt`) into `target/models/opus-mt-en-de-random`, or the directory in
+/// `NDTRANSFORMER_MARIAN_FULL`; then
+/// `cargo test --release --test marian -- --ignored`.
+#[test]
+#[ignore = "needs the 296 MB checkpoint of `tools/make_marian_fixture.py --full`"]
+fn full_size_checkpoint_equals_transformers() {
+    let dir = std::env::var_os("NDTRANSFORMER_MARIAN_FULL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models/opus-mt-en-de-random")
+        });
+    assert!(
+        dir.join("expected.safetensors").is_file(),
+        "{} has no reference outputs: run `python3 tools/make_marian_fixture.py --full`",
+        dir.display()
+    );
+    let r = Reference::at(dir);
+    let t = &r.checkpoint.config.transformer;
+    assert_eq!(
+        (
+            t.d_model,
+            t.num_heads,
+            t.d_ff,
+            t.num_encoder_layers,
+            t.src_vocab
+        ),
+        (512, 8, 2048, 6, 58101)
+    );
+    check_forward_pass(&r, "full");
+    check_generation(&r, "full");
 }
 
 #[test]
