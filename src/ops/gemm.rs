@@ -97,8 +97,9 @@ pub(super) fn kernel_for(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Kernel {
     Kernel::Blocked
 }
 
-/// Products with this many rows (a short sequence) that [`tile_product`] does not take (no
-/// AVX-512, or a strided `b`) use `matrixmultiply`'s kernels, which measured faster than `gemm`'s
+/// Products with this many rows (a short sequence) that the register tiles of
+/// [`super::tile`] do not take (a small weight without AVX-512, or a strided `b`) use
+/// `matrixmultiply`'s kernels, which measured faster than `gemm`'s
 /// there (`docs/gemm_backends.md`, `docs/performance.md`).
 const SHORT_ROWS: std::ops::RangeInclusive<usize> = 16..=32;
 

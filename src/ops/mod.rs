@@ -40,7 +40,7 @@ use self::lanes::with_slice;
 use self::panels::{
     panel_view, panels_product_biased_into, panels_product_fresh, panels_product_into,
 };
-use self::tile::tile_simd;
+use self::tile::tile_kernel_for;
 use crate::huge_pages;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis, Dim};
@@ -264,7 +264,7 @@ fn takes_blocked(x: ArrayView2<f32>, w: F32Weight) -> bool {
     match w {
         F32Weight::Plain(w) => matches!(kernel_for(x, w.t()), Kernel::Blocked),
         F32Weight::Panels(panels, n) => {
-            !uses_tile(x.nrows())
+            !uses_tile(x.nrows(), x.ncols(), n)
                 && matches!(kernel_for(x, panel_view(panels, n, 0)), Kernel::Blocked)
         }
     }
@@ -314,15 +314,16 @@ fn add_product(
     }
 }
 
-/// Whether a product of `rows` rows with a weight in panels runs on [`tile_product`].
-fn uses_tile(rows: usize) -> bool {
+/// Whether a product of `rows` rows with a `[k, n]` weight in panels runs on a register tile
+/// of [`tile`].
+fn uses_tile(rows: usize, k: usize, n: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        tile_simd(rows).is_some()
+        tile_kernel_for(rows, k, n).is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = rows;
+        let _ = (rows, k, n);
         false
     }
 }

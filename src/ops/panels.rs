@@ -9,7 +9,7 @@ use super::activation::{activate, add_bias_activate};
 use super::amx;
 use super::gemm::{blocked_product, gemm_into, gemm_raw, threads_for_work};
 use super::lanes::with_slice;
-use super::tile::{tile_product, tile_simd};
+use super::tile::tile_kernel_for;
 use super::{Epilogue, PARALLEL_FILL};
 use crate::huge_pages;
 use ndarray::parallel::prelude::*;
@@ -64,8 +64,8 @@ pub(crate) fn unpack_panels(panels: ArrayView3<f32>, n: usize) -> Array2<f32> {
 /// `c = alpha · a · Wᵀ + beta · c` for a weight in panels ([`pack_panels`]) with `n` columns:
 /// `a: [m, k]`, `c: [m, n]`.
 ///
-/// A few rows (a short sequence, a decoding step) go through [`tile_product`] where the CPU
-/// has AVX-512; otherwise each panel is one product of the kernels of [`gemm_into`], panels
+/// A few rows (a short sequence, a decoding step) go through the register tiles of
+/// [`super::tile`] (AVX-512, or AVX2 from 9 rows and a large enough weight); otherwise each panel is one product of the kernels of [`gemm_into`], panels
 /// spread over the threads. The kernels depend on the shapes alone, so results do not depend
 /// on the thread count.
 pub(super) fn panels_product_into(
@@ -84,8 +84,8 @@ pub(super) fn panels_product_into(
     }
     let threads = threads_for_work(m * k * n);
     #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = tile_simd(m) {
-        return tile_product(simd, a, panels, n, alpha, beta, c, threads);
+    if let Some(tile) = tile_kernel_for(m, k, n) {
+        return tile.product(a, panels, n, alpha, beta, c, threads);
     }
     let pieces = panel_pieces(a, panels, n, c.view_mut());
     for_each_piece(
