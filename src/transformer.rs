@@ -4,8 +4,8 @@
 use std::hash::{Hash, Hasher};
 
 use ndarray::{
-    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut3, Axis, CowArray, Dim,
-    Ix2, IxDyn,
+    Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis,
+    CowArray, Dim, Ix2, IxDyn,
 };
 use rand::Rng;
 
@@ -683,6 +683,46 @@ impl Transformer {
         tokens: ArrayView1<u32>,
         cache: &mut DecoderCache,
     ) -> Result<Array2<f32>> {
+        let x = self.step_input(tokens, cache)?;
+        let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
+        let logits = ops::with_warm_pool(|| {
+            let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
+            self.project_unchecked(decoded.view())
+        });
+        cache.len += 1;
+        Ok(logits.index_axis_move(Axis(1), 0))
+    }
+
+    /// [`decode_step`](Self::decode_step) written into `logits`, a buffer the caller keeps
+    /// from step to step: the same numbers, without a new `[batch, tgt_vocab]` array each step
+    /// (for a beam of a large vocabulary, tens of megabytes the operating system would hand
+    /// over zeroed every time).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch]`
+    /// - `logits`: `[batch, tgt_vocab]`, any contents (overwritten)
+    ///
+    /// # Errors
+    /// As [`decode_step`](Self::decode_step); also `logits` of another shape.
+    pub fn decode_step_into(
+        &self,
+        tokens: ArrayView1<u32>,
+        cache: &mut DecoderCache,
+        logits: ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        self.check_logits(tokens.len(), 1, &[logits.nrows(), 1, logits.ncols()])?;
+        let x = self.step_input(tokens, cache)?;
+        let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
+        ops::with_warm_pool(|| {
+            let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
+            self.project_into_unchecked(decoded.view(), logits.insert_axis(Axis(1)));
+        });
+        cache.len += 1;
+        Ok(())
+    }
+
+    /// The checks of a step and its input: the embedded `tokens` at the cache's position.
+    fn step_input(&self, tokens: ArrayView1<u32>, cache: &DecoderCache) -> Result<Array3<f32>> {
         if cache.model_fingerprint != self.fingerprint {
             return Err(Error::CacheMismatch {
                 reason: "the cache was made by another model (its weights or config differ)".into(),
@@ -698,14 +738,7 @@ impl Transformer {
             });
         }
         let ids = tokens.insert_axis(Axis(1));
-        let x = self.embed_at(self.tgt_embedding(), ids, "target ids", cache.len)?;
-        let cross_mask = Mask::none().with_key_padding_opt(cache.memory_padding.as_ref());
-        let logits = ops::with_warm_pool(|| {
-            let decoded = self.decoder.run_step(x, &mut cache.layers, &cross_mask);
-            self.project_unchecked(decoded.view())
-        });
-        cache.len += 1;
-        Ok(logits.index_axis_move(Axis(1), 0))
+        self.embed_at(self.tgt_embedding(), ids, "target ids", cache.len)
     }
 
     fn compute_fingerprint(&self) -> u64 {

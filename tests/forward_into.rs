@@ -1,7 +1,7 @@
-//! `forward_into` and `project_into`: logits written into a buffer the caller keeps equal the
+//! `forward_into`, `project_into` and `decode_step_into`: logits written into a buffer the caller keeps equal the
 //! ones `forward` and `project` return, in any layout, with tied and untied projections.
 
-use ndarray::{Array2, Array3};
+use ndarray::{Array1, Array2, Array3};
 use ndtransformer::{Transformer, TransformerConfig};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -68,6 +68,53 @@ fn logits_into_a_kept_buffer_equal_new_ones() {
                 message.contains("logits") && message.contains("299"),
                 "{message}"
             );
+        }
+    }
+}
+
+/// `decode_step_into` writes what `decode_step` returns, step after step, and leaves a cache
+/// that continues as `decode_step`'s does; a buffer of the wrong shape is an error that names
+/// it, before the cache moves.
+#[test]
+fn steps_into_a_kept_buffer_equal_new_ones() {
+    for tie in [false, true] {
+        let config = TransformerConfig {
+            d_model: 8,
+            num_heads: 2,
+            d_ff: 16,
+            num_encoder_layers: 1,
+            num_decoder_layers: 2,
+            max_len: 32,
+            share_embeddings: tie,
+            tie_output_projection: tie,
+            ..TransformerConfig::base(300, 300)
+        };
+        let model = Transformer::new(config, &mut StdRng::seed_from_u64(4)).unwrap();
+        // 12 rows take the register tiles where the CPU has them, 3 the few-row kernels.
+        for batch in [12, 3] {
+            let src = Array2::from_shape_fn((batch, 7), |(b, t)| (b * 13 + t * 5) as u32 % 300);
+            let memory = model.encode(src.view(), None).unwrap();
+            let mut plain = model.start_decoding(memory.view(), None).unwrap();
+            let mut kept = model.start_decoding(memory.view(), None).unwrap();
+            let mut buffer = Array2::from_elem((batch, 300), f32::NAN);
+            for step in 0..5u32 {
+                let tokens = Array1::from_shape_fn(batch, |b| (b as u32 * 7 + step * 3) % 300);
+                let expected = model.decode_step(tokens.view(), &mut plain).unwrap();
+                let wrong = model.decode_step_into(
+                    tokens.view(),
+                    &mut kept,
+                    Array2::zeros((batch, 299)).view_mut(),
+                );
+                let message = wrong.unwrap_err().to_string();
+                assert!(
+                    message.contains("logits") && message.contains("299"),
+                    "{message}"
+                );
+                model
+                    .decode_step_into(tokens.view(), &mut kept, buffer.view_mut())
+                    .unwrap();
+                assert_eq!(buffer, expected, "tie {tie}, batch {batch}, step {step}");
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ mod rules;
 mod sampling;
 mod stream;
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 use rand::Rng;
 
 use self::beam::{RowSearch, StepRule};
@@ -523,8 +523,14 @@ impl Transformer {
         let mut slots: Vec<(usize, usize)> = (0..batch).map(|r| (r, 0)).collect();
         let mut last = Array1::from_elem(batch, o.bos_id);
         let mut step = 0;
+        // One logits buffer for every step (rows change as beams fill and finish).
+        let vocab = self.config().tgt_vocab;
+        let mut buffer = Vec::new();
         while !slots.is_empty() {
-            let mut log_probs = self.decode_step(last.view(), &mut cache)?;
+            buffer.resize(slots.len() * vocab, 0.0);
+            let mut log_probs = ArrayViewMut2::from_shape((slots.len(), vocab), &mut buffer[..])
+                .expect("buffer sized for the slots");
+            self.decode_step_into(last.view(), &mut cache, log_probs.view_mut())?;
             if !rules.is_empty() {
                 for (&(row, beam), mut logits) in slots.iter().zip(log_probs.rows_mut()) {
                     let logits = logits.as_slice_mut().expect("logits in standard layout");

@@ -5,7 +5,7 @@
 //! dropping the stream. [`Transformer::generate`] (beam size 1) and [`Transformer::sample`] run
 //! the same stream to its end, so both return exactly the streamed tokens.
 
-use ndarray::{Array1, Array3};
+use ndarray::{Array1, Array3, ArrayViewMut2};
 use rand::Rng;
 
 use super::rules::LogitRules;
@@ -57,6 +57,8 @@ pub struct TokenStream<'a> {
     last: Array1<u32>,
     /// The memory and its padding, kept only when alignments are asked for.
     memory: Option<(Array3<f32>, Option<KeyPaddingMask>)>,
+    /// The logits buffer every step writes into.
+    logits: Vec<f32>,
 }
 
 impl<'a> TokenStream<'a> {
@@ -87,6 +89,7 @@ impl<'a> TokenStream<'a> {
             rows,
             active: (0..batch).collect(),
             memory,
+            logits: Vec::new(),
         }
     }
 
@@ -152,13 +155,18 @@ impl<'a> TokenStream<'a> {
         let Some(cache) = self.cache.as_mut() else {
             return Ok(Vec::new());
         };
-        let mut logits = match self.model.decode_step(self.last.view(), cache) {
-            Ok(l) => l,
-            Err(e) => {
-                self.cache = None;
-                return Err(e);
-            }
-        };
+        let vocab = self.model.config().tgt_vocab;
+        self.logits.resize(self.active.len() * vocab, 0.0);
+        let mut logits =
+            ArrayViewMut2::from_shape((self.active.len(), vocab), &mut self.logits[..])
+                .expect("buffer sized for the active rows");
+        if let Err(e) = self
+            .model
+            .decode_step_into(self.last.view(), cache, logits.view_mut())
+        {
+            self.cache = None;
+            return Err(e);
+        }
         let rules = LogitRules::new(&self.options);
         let mut chosen = Vec::with_capacity(self.active.len());
         let mut keep = Vec::with_capacity(self.active.len());
