@@ -12,24 +12,38 @@ use super::{Hypothesis, LengthPenalty};
 
 /// The `n` best `(log_prob, token)` of one row, best first, ties to the lower token id: one
 /// pass over the vocabulary keeping the `n` best so far, sorted, so that a value enters only
-/// when it beats the `n`-th (after the first few tokens, almost never).
+/// when it beats the `n`-th (after the first few tokens, almost never). Blocks of values all
+/// below the `n`-th are skipped by one vectorised comparison.
 pub(crate) fn top_tokens(row: &[f32], n: usize) -> Vec<(f32, u32)> {
     let better = |a: (f32, u32), b: (f32, u32)| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)).is_gt();
     let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
     if n == 0 {
         return best;
     }
-    for (token, &lp) in row.iter().enumerate() {
-        let c = (lp, token as u32);
-        if best.len() == n && !better(c, best[n - 1]) {
-            continue;
+    for (block, values) in row.chunks(SKIP_BLOCK).enumerate() {
+        if best.len() == n {
+            // Strictly below the n-th (by `<`, so equal values, ±0 and NaN take the exact
+            // comparison): none of these can enter.
+            let worst = best[n - 1].0;
+            if values.iter().fold(true, |below, &v| below & (v < worst)) {
+                continue;
+            }
         }
-        let at = best.partition_point(|&b| better(b, c));
-        best.insert(at, c);
-        best.truncate(n);
+        for (j, &lp) in values.iter().enumerate() {
+            let c = (lp, (block * SKIP_BLOCK + j) as u32);
+            if best.len() == n && !better(c, best[n - 1]) {
+                continue;
+            }
+            let at = best.partition_point(|&b| better(b, c));
+            best.insert(at, c);
+            best.truncate(n);
+        }
     }
     best
 }
+
+/// Values [`top_tokens`] tests at once against the `n`-th best.
+const SKIP_BLOCK: usize = 32;
 
 /// One live hypothesis.
 pub(crate) struct Live {
@@ -235,6 +249,36 @@ mod tests {
         let row = row.as_slice().unwrap();
         for n in [0, 1, 2, 7, 8, 49, 50, 80] {
             assert_eq!(top_tokens(row, n), sorted[..n.min(50)], "n = {n}");
+        }
+    }
+
+    /// Across many blocks: rising, falling and scattered values, ties across block edges,
+    /// ±0 and negative infinities, so that blocks are skipped and entered.
+    #[test]
+    fn top_tokens_over_many_blocks_equal_a_full_sort() {
+        let rows: Vec<Vec<f32>> = vec![
+            (0..1000).map(|t| t as f32 * 0.01).collect(),
+            (0..1000).map(|t| -(t as f32) * 0.01).collect(),
+            (0..1000)
+                .map(|t| match (t * 7919) % 13 {
+                    0 => f32::NEG_INFINITY,
+                    1 => 0.0,
+                    2 => -0.0,
+                    r => -((t * 104_729 % 997) as f32) / (r as f32),
+                })
+                .collect(),
+            (0..1000).map(|t| ((t % 64) / 16) as f32).collect(),
+        ];
+        for row in rows {
+            let mut sorted: Vec<(f32, u32)> = row
+                .iter()
+                .enumerate()
+                .map(|(t, &v)| (v, t as u32))
+                .collect();
+            sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for n in [1, 4, 8, 33] {
+                assert_eq!(top_tokens(&row, n), sorted[..n], "n = {n}");
+            }
         }
     }
 }
