@@ -233,6 +233,17 @@ mod tests {
     use super::*;
     use ndarray::Array1;
 
+    /// Every `(value, token)` of `row`, best first, ties to the lower token id.
+    fn full_sort(row: &[f32]) -> Vec<(f32, u32)> {
+        let mut sorted: Vec<(f32, u32)> = row
+            .iter()
+            .enumerate()
+            .map(|(t, &v)| (v, t as u32))
+            .collect();
+        sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        sorted
+    }
+
     #[test]
     fn top_tokens_are_the_head_of_a_full_sort_ties_to_the_lower_id() {
         // Many ties (values repeat every 7 tokens) and negative infinities.
@@ -240,13 +251,8 @@ mod tests {
             6 => f32::NEG_INFINITY,
             r => -(r as f32) * 0.5,
         });
-        let mut sorted: Vec<(f32, u32)> = row
-            .iter()
-            .enumerate()
-            .map(|(t, &v)| (v, t as u32))
-            .collect();
-        sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let row = row.as_slice().unwrap();
+        let sorted = full_sort(row);
         for n in [0, 1, 2, 7, 8, 49, 50, 80] {
             assert_eq!(top_tokens(row, n), sorted[..n.min(50)], "n = {n}");
         }
@@ -270,12 +276,7 @@ mod tests {
             (0..1000).map(|t| ((t % 64) / 16) as f32).collect(),
         ];
         for row in rows {
-            let mut sorted: Vec<(f32, u32)> = row
-                .iter()
-                .enumerate()
-                .map(|(t, &v)| (v, t as u32))
-                .collect();
-            sorted.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let sorted = full_sort(&row);
             for n in [1, 4, 8, 33] {
                 assert_eq!(top_tokens(&row, n), sorted[..n], "n = {n}");
             }

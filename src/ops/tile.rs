@@ -83,6 +83,38 @@ pub(super) trait TileKernel: Copy + Send + Sync {
         sums: &mut [Self::Sums],
         ahead: *const i8,
         step: usize,
+    ) {
+        let kc = block.len() / PANEL;
+        let row_tiles = a_tiles.len() / k;
+        // One vectorised call per block, so that each tile inlines into it.
+        self.vectorized(
+            #[inline(always)]
+            || {
+                for (call, sums) in sums.iter_mut().enumerate() {
+                    let (strip, tile) = (call / row_tiles, call % row_tiles);
+                    self.tile(
+                        &a_tiles[tile * k + r0..][..kc],
+                        block,
+                        first + strip,
+                        sums,
+                        ahead.wrapping_add(call * kc * step),
+                        step,
+                    );
+                }
+            },
+        );
+    }
+    /// `op` compiled for this instruction set.
+    fn vectorized(self, op: impl FnOnce());
+    /// One register tile over a block: `sums[i][j] += Σ_r a[r][i] · block[r][strip][j]`.
+    fn tile(
+        self,
+        a: &[Self::Group],
+        block: &[f32],
+        strip: usize,
+        sums: &mut Self::Sums,
+        ahead: *const i8,
+        step: usize,
     );
 }
 
@@ -280,39 +312,22 @@ impl TileKernel for Avx512 {
         tiles
     }
 
-    fn walk_block(
+    fn vectorized(self, op: impl FnOnce()) {
+        self.0.vectorize(op)
+    }
+
+    #[inline(always)]
+    fn tile(
         self,
-        a_tiles: &[[f32; TILE_M]],
-        k: usize,
-        r0: usize,
+        a: &[[f32; TILE_M]],
         block: &[f32],
-        first: usize,
-        sums: &mut [Sums512],
+        strip: usize,
+        sums: &mut Sums512,
         ahead: *const i8,
         step: usize,
     ) {
-        let simd = self.0;
-        let kc = block.len() / PANEL;
-        let row_tiles = a_tiles.len() / k;
         let rows: &[[[f32; 32]; PANEL / 32]] = pulp::bytemuck::cast_slice(block);
-        // One vectorised call per block, so that each kernel inlines into it.
-        simd.vectorize(
-            #[inline(always)]
-            || {
-                for (call, sums) in sums.iter_mut().enumerate() {
-                    let (strip, tile) = (call / row_tiles, call % row_tiles);
-                    kernel_512(
-                        simd,
-                        &a_tiles[tile * k + r0..][..kc],
-                        rows,
-                        first + strip,
-                        &mut sums.0,
-                        ahead.wrapping_add(call * kc * step),
-                        step,
-                    );
-                }
-            },
-        );
+        kernel_512(self.0, a, rows, strip, &mut sums.0, ahead, step);
     }
 }
 
@@ -348,38 +363,22 @@ impl TileKernel for Avx2 {
         pack_row_tiles_plain::<AVX2_M>(a, row_tiles)
     }
 
-    fn walk_block(
+    fn vectorized(self, op: impl FnOnce()) {
+        self.0.vectorize(op)
+    }
+
+    #[inline(always)]
+    fn tile(
         self,
-        a_tiles: &[[f32; AVX2_M]],
-        k: usize,
-        r0: usize,
+        a: &[[f32; AVX2_M]],
         block: &[f32],
-        first: usize,
-        sums: &mut [Sums256],
+        strip: usize,
+        sums: &mut Sums256,
         ahead: *const i8,
         step: usize,
     ) {
-        let simd = self.0;
-        let kc = block.len() / PANEL;
-        let row_tiles = a_tiles.len() / k;
         let rows: &[[[f32; 16]; PANEL / 16]] = pulp::bytemuck::cast_slice(block);
-        simd.vectorize(
-            #[inline(always)]
-            || {
-                for (call, sums) in sums.iter_mut().enumerate() {
-                    let (strip, tile) = (call / row_tiles, call % row_tiles);
-                    kernel_256(
-                        simd,
-                        &a_tiles[tile * k + r0..][..kc],
-                        rows,
-                        first + strip,
-                        &mut sums.0,
-                        ahead.wrapping_add(call * kc * step),
-                        step,
-                    );
-                }
-            },
-        );
+        kernel_256(self.0, a, rows, strip, &mut sums.0, ahead, step);
     }
 }
 
