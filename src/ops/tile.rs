@@ -447,72 +447,55 @@ pub(super) fn transpose_rows(
     }
 }
 
-/// One AVX-512 register tile: `sums[i][j] += Σ_r a[r][i] · rows[r][strip][j]` for `i < 8`,
-/// `j < 32` over the rows of a block: one fused multiply-add per term, in order of `r`, on
-/// sixteen registers (through `pulp`'s safe SIMD types). Per row it also asks for the cache
-/// line at `ahead + r · step` (and the next one when `step` spans two) to be brought into L2.
-/// Called inside `simd.vectorize`, where it inlines with the AVX-512 code generation.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn kernel_512(
-    simd: pulp::x86::V4,
-    a: &[[f32; TILE_M]],
-    rows: &[[[f32; 32]; PANEL / 32]],
-    strip: usize,
-    sums: &mut [[f32; 32]; TILE_M],
-    ahead: *const i8,
-    step: usize,
-) {
-    use pulp::{bytemuck::cast, f32x16};
-    use std::arch::x86_64::_MM_HINT_T1;
-    let mut acc: [[f32x16; 2]; TILE_M] = cast(*sums);
-    for (r, (row, a_r)) in rows.iter().zip(a).enumerate() {
-        // A hint only: never faults, even past the end of the weight.
-        let line = ahead.wrapping_add(r * step);
-        simd.sse._mm_prefetch::<_MM_HINT_T1>(line);
-        if step > 64 {
-            simd.sse._mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(64));
+/// Defines one register tile of `$m` rows × two `$vector`s: `sums[i][j] += Σ_r a[r][i] ·
+/// rows[r][strip][j]` over the rows of a block, one fused multiply-add per term, in order of
+/// `r` (through `pulp`'s safe SIMD types). Per row it also asks for the cache line at
+/// `ahead + r · step` (and the next one when `step` spans two) to be brought into L2. Called
+/// inside `simd.vectorize`, where it inlines with that instruction set's code generation.
+macro_rules! register_tile {
+    ($(#[$doc:meta])* $name:ident, $simd:ty, $vector:ident, $splat:ident, $mul_add:ident, $m:expr, $n:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn $name(
+            simd: $simd,
+            a: &[[f32; $m]],
+            rows: &[[[f32; $n]; PANEL / $n]],
+            strip: usize,
+            sums: &mut [[f32; $n]; $m],
+            ahead: *const i8,
+            step: usize,
+        ) {
+            use pulp::{bytemuck::cast, $vector};
+            use std::arch::x86_64::_MM_HINT_T1;
+            let mut acc: [[$vector; 2]; $m] = cast(*sums);
+            for (r, (row, a_r)) in rows.iter().zip(a).enumerate() {
+                // A hint only: never faults, even past the end of the weight.
+                let line = ahead.wrapping_add(r * step);
+                simd.sse._mm_prefetch::<_MM_HINT_T1>(line);
+                if step > 64 {
+                    simd.sse._mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(64));
+                }
+                let halves: [$vector; 2] = cast(row[strip]);
+                for (acc_i, &a_ri) in acc.iter_mut().zip(a_r) {
+                    let s = simd.$splat(a_ri);
+                    acc_i[0] = simd.$mul_add(s, halves[0], acc_i[0]);
+                    acc_i[1] = simd.$mul_add(s, halves[1], acc_i[1]);
+                }
+            }
+            *sums = cast(acc);
         }
-        let halves: [f32x16; 2] = cast(row[strip]);
-        for (acc_i, &a_ri) in acc.iter_mut().zip(a_r) {
-            let s = simd.splat_f32x16(a_ri);
-            acc_i[0] = simd.mul_add_f32x16(s, halves[0], acc_i[0]);
-            acc_i[1] = simd.mul_add_f32x16(s, halves[1], acc_i[1]);
-        }
-    }
-    *sums = cast(acc);
+    };
 }
 
-/// One AVX2 register tile: as [`kernel_512`] for `i < 6`, `j < 16`, on twelve registers.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn kernel_256(
-    simd: pulp::x86::V3,
-    a: &[[f32; AVX2_M]],
-    rows: &[[[f32; 16]; PANEL / 16]],
-    strip: usize,
-    sums: &mut [[f32; 16]; AVX2_M],
-    ahead: *const i8,
-    step: usize,
-) {
-    use pulp::{bytemuck::cast, f32x8};
-    use std::arch::x86_64::_MM_HINT_T1;
-    let mut acc: [[f32x8; 2]; AVX2_M] = cast(*sums);
-    for (r, (row, a_r)) in rows.iter().zip(a).enumerate() {
-        let line = ahead.wrapping_add(r * step);
-        simd.sse._mm_prefetch::<_MM_HINT_T1>(line);
-        if step > 64 {
-            simd.sse._mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(64));
-        }
-        let halves: [f32x8; 2] = cast(row[strip]);
-        for (acc_i, &a_ri) in acc.iter_mut().zip(a_r) {
-            let s = simd.splat_f32x8(a_ri);
-            acc_i[0] = simd.mul_add_f32x8(s, halves[0], acc_i[0]);
-            acc_i[1] = simd.mul_add_f32x8(s, halves[1], acc_i[1]);
-        }
-    }
-    *sums = cast(acc);
-}
+register_tile!(
+    /// The AVX-512 tile: 8 × 32 sums on sixteen registers.
+    kernel_512, pulp::x86::V4, f32x16, splat_f32x16, mul_add_f32x16, TILE_M, 32
+);
+register_tile!(
+    /// The AVX2 tile: 6 × 16 sums on twelve registers.
+    kernel_256, pulp::x86::V3, f32x8, splat_f32x8, mul_add_f32x8, AVX2_M, 16
+);
 
 /// [`store_sums`] on a contiguous row piece.
 fn store_sums_slice(c: &mut [f32], sums: &[f32], alpha: f32, beta: f32) {
