@@ -504,21 +504,14 @@ fn widen(src: &[u16], dst: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::super::panels::{pack_panels, panels_product_biased_into};
-    use super::super::testing::same_sums;
+    use super::super::testing::{same_sums, values_with_outliers};
     use super::super::Epilogue;
     use super::*;
     use ndarray::Array1;
 
     /// A `[rows, cols]` matrix of varied values, a few of them large.
     fn values(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((rows, cols), |(i, j)| {
-            let v = ((i * 131 + j * 71 + seed * 17) % 97) as f32 / 48.3 - 1.0;
-            if (i + j + seed) % 23 == 0 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
+        values_with_outliers(rows, cols, seed, 48.3)
     }
 
     /// The product by definition: for each output, the terms `x · w̃` fused into one sum in

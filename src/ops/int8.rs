@@ -636,19 +636,13 @@ unsafe fn tile_avx2<const R: usize, const S: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::values_with_outliers;
     use super::*;
     use ndarray::Array1;
 
     /// A `[rows, cols]` matrix of varied values with a few large ones.
     fn values(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((rows, cols), |(i, j)| {
-            let v = ((i * 131 + j * 71 + seed * 17) % 97) as f32 / 48.0 - 1.0;
-            if (i + j + seed) % 23 == 0 {
-                v * 8.0
-            } else {
-                v
-            }
-        })
+        values_with_outliers(rows, cols, seed, 48.0)
     }
 
     /// The product by definition, from the unpacked int8 values.

@@ -36,6 +36,25 @@ pub(super) fn operands(m: usize, k: usize, n: usize) -> (Array2<f32>, Array2<f32
     (a, w_t)
 }
 
+/// A `[rows, cols]` matrix of varied values in about `[-1, 1]` (`(… % 97) / scale − 1`) with one
+/// in 23 eight times larger (the outliers a quantized product must carry); `seed` shifts the
+/// pattern.
+pub(super) fn values_with_outliers(
+    rows: usize,
+    cols: usize,
+    seed: usize,
+    scale: f32,
+) -> Array2<f32> {
+    Array2::from_shape_fn((rows, cols), |(i, j)| {
+        let v = ((i * 131 + j * 71 + seed * 17) % 97) as f32 / scale - 1.0;
+        if (i + j + seed) % 23 == 0 {
+            v * 8.0
+        } else {
+            v
+        }
+    })
+}
+
 /// `alpha · a · b + beta · c` with loops, for any strides.
 pub(super) fn naive_product(
     a: ArrayView2<f32>,
