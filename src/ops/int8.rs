@@ -369,6 +369,8 @@ pub(crate) fn int8_linear(
         let mut s = 0;
         while s < strips {
             let take_strips = (strips - s).min(most_strips);
+            // A fixed-size array on the stack; a lone last strip fills both slots, and only the
+            // first `take_strips` are passed on.
             let weights: [&[i8]; TILE_STRIPS] = std::array::from_fn(|i| {
                 let strip = strip0 + s + i.min(take_strips - 1);
                 &w.packed[strip * strip_len..][..strip_len]
