@@ -272,7 +272,7 @@ pub(crate) fn validate_heads(d_model: usize, num_heads: usize) -> Result<()> {
             "d_model is 0, it must be at least 1",
         ));
     }
-    if d_model % num_heads != 0 {
+    if !d_model.is_multiple_of(num_heads) {
         return Err(Error::config(
             "d_model",
             format!("d_model {d_model} is not divisible by num_heads {num_heads}"),

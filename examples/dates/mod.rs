@@ -56,7 +56,7 @@ pub const WEEKDAYS: [&str; 7] = [
 
 /// Whether `year` is a Gregorian leap year.
 pub fn is_leap(year: u32) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
 }
 
 /// Number of days of `month` (1..=12) in `year`.

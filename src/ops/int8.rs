@@ -20,6 +20,13 @@
 //! the full int8 range. Products of up to 8 rows (decoding steps) take 8-row tiles of one
 //! strip of 8 columns, so that each weight is widened once; taller ones take 6-row tiles of
 //! two strips, where each broadcast input feeds two products.
+//!
+//! With AVX-512 VNNI (Intel since Cascade Lake, AMD Zen 4) the weight is packed for
+//! `vpdpbusd` instead ([`Layout::Quads`]), which adds four u8 × s8 products into each i32 lane
+//! without saturating. The activations enter as their u8 levels `u`, and each block's sum is
+//! made exact by adding `−zero · Σ w` with the block's column sums, stored beside the weight
+//! (the compensation oneDNN uses). On an Intel Xeon (Emerald Rapids, 2 threads) a 1024 × 512 →
+//! 2048 product went from 12.8 ms on the AVX2 kernel to 5.1 ms.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,6 +42,11 @@ const GROUP: usize = 2;
 /// Output columns one strip of the packed layout holds (16 bytes a group: one AVX2 register
 /// once widened to i16).
 const STRIP: usize = 8;
+/// Inputs one group of the VNNI layout holds: the four u8 × s8 products `vpdpbusd` adds into
+/// one i32 lane.
+const QUAD: usize = 4;
+/// Output columns one strip of the VNNI layout holds: 16 i32 lanes, one AVX-512 register.
+const WIDE_STRIP: usize = 16;
 /// Rows the largest register tile covers: 8 rows × 1 strip (8 accumulators), for products of
 /// at most 8 rows (decoding steps), so that each weight is widened once.
 const TILE_ROWS: usize = 8;
@@ -47,8 +59,8 @@ const TILE_STRIPS: usize = 2;
 /// Rows of the input one unit of work takes: their quantized values (64 rows of 512 inputs,
 /// 64 KiB) stay in L2 while the unit's strips pass through L1.
 const CHUNK_ROWS: usize = 64;
-/// Strips one unit of work takes: 128 output columns.
-const UNIT_STRIPS: usize = 16;
+/// Output columns one unit of work takes.
+const UNIT_COLS: usize = 128;
 /// The largest `k` whose sums cannot overflow an i32: `k · 128² ≤ 2³¹`.
 pub(crate) const MAX_INPUTS: usize = 1 << 17;
 
@@ -62,8 +74,68 @@ pub(crate) const MAX_INPUTS: usize = 1 << 17;
 pub(crate) struct Int8Weight {
     packed: Arc<[i8]>,
     scales: Arc<[f32]>,
+    /// [`Layout::Quads`] only: each block's column sums `Σ_{i in block} q[o, i]`, the
+    /// compensation of the activations' zero points (`[out / 16][blocks / 2][16][2]`).
+    sums: Arc<[i16]>,
+    layout: Layout,
     out: usize,
     inputs: usize,
+}
+
+/// How an [`Int8Weight`]'s values are packed: for the AVX2 and scalar kernels, or for
+/// AVX-512 VNNI. Chosen once, when the weight is packed, by the CPU's features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Strips of 8 columns, groups of 2 inputs (`[out / 8][in / 2][8][2]`): `vpmaddwd` pairs.
+    Pairs,
+    /// Strips of 16 columns, groups of 4 inputs (`[out / 16][in / 4][16][4]`): one 64-byte
+    /// AVX-512 register a group, the four u8 × s8 products `vpdpbusd` adds into each i32 lane.
+    Quads,
+}
+
+impl Layout {
+    /// The layout the fastest kernel this CPU has reads.
+    pub(crate) fn detect() -> Self {
+        if vnni() {
+            Layout::Quads
+        } else {
+            Layout::Pairs
+        }
+    }
+
+    /// Inputs one group holds.
+    fn group(self) -> usize {
+        match self {
+            Layout::Pairs => GROUP,
+            Layout::Quads => QUAD,
+        }
+    }
+
+    /// Output columns one strip holds.
+    fn strip(self) -> usize {
+        match self {
+            Layout::Pairs => STRIP,
+            Layout::Quads => WIDE_STRIP,
+        }
+    }
+
+    /// Where `q[o, i]` lies in the packed values of a weight with `groups` groups of inputs.
+    fn index(self, groups: usize, o: usize, i: usize) -> usize {
+        let (group, strip) = (self.group(), self.strip());
+        ((o / strip * groups + i / group) * strip + o % strip) * group + i % group
+    }
+}
+
+/// Whether this CPU has AVX-512 (F, BW) with VNNI, for [`Layout::Quads`].
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 impl Int8Weight {
@@ -101,19 +173,46 @@ impl Int8Weight {
     /// A weight from its int8 values `q: [out, in]` and scales `[out]` (shapes checked by the
     /// caller).
     pub(crate) fn from_parts(q: ArrayView2<i8>, scales: &[f32]) -> Self {
+        Self::from_parts_in(q, scales, Layout::detect())
+    }
+
+    /// [`from_parts`](Self::from_parts) packed in `layout` (which the CPU must be able to run).
+    pub(crate) fn from_parts_in(q: ArrayView2<i8>, scales: &[f32], layout: Layout) -> Self {
         let (out, inputs) = q.dim();
         debug_assert_eq!(scales.len(), out);
-        let groups = inputs.div_ceil(GROUP);
-        let mut packed = vec![0i8; out.div_ceil(STRIP) * groups * STRIP * GROUP];
+        let (group, strip) = (layout.group(), layout.strip());
+        let groups = inputs.div_ceil(group);
+        let mut packed = vec![0i8; out.div_ceil(strip) * groups * strip * group];
         for ((o, i), &v) in q.indexed_iter() {
-            packed[index(groups, o, i)] = v;
+            packed[layout.index(groups, o, i)] = v;
         }
+        let sums = match layout {
+            Layout::Pairs => Vec::new(),
+            Layout::Quads => {
+                let pairs = inputs.div_ceil(BLOCK).div_ceil(2);
+                let mut sums = vec![0i16; out.div_ceil(WIDE_STRIP) * pairs * WIDE_STRIP * 2];
+                for ((o, i), &v) in q.indexed_iter() {
+                    let b = i / BLOCK;
+                    let at = ((o / WIDE_STRIP * pairs + b / 2) * WIDE_STRIP + o % WIDE_STRIP) * 2;
+                    // At most 32 · 127 in magnitude: an i16.
+                    sums[at + b % 2] += i16::from(v);
+                }
+                sums
+            }
+        };
         Int8Weight {
             packed: packed.into(),
             scales: scales.into(),
+            sums: sums.into(),
+            layout,
             out,
             inputs,
         }
+    }
+
+    /// Groups of inputs a strip holds in this weight's layout.
+    fn groups(&self) -> usize {
+        self.inputs.div_ceil(self.layout.group())
     }
 
     /// `out`, the number of outputs.
@@ -128,9 +227,9 @@ impl Int8Weight {
 
     /// The int8 values, `[out, in]`.
     pub(crate) fn values(&self) -> Array2<i8> {
-        let groups = self.inputs.div_ceil(GROUP);
+        let groups = self.groups();
         Array2::from_shape_fn((self.out, self.inputs), |(o, i)| {
-            self.packed[index(groups, o, i)]
+            self.packed[self.layout.index(groups, o, i)]
         })
     }
 
@@ -157,21 +256,17 @@ impl Int8Weight {
     /// floats, `(sw[o] · q[o, i]) · times` (an int8 embedding table's lookup).
     pub(crate) fn dequantize_row_into(&self, o: usize, times: f32, out: &mut [f32]) {
         assert_eq!(out.len(), self.inputs, "a row is [in]");
-        let (groups, s) = (self.inputs.div_ceil(GROUP), self.scales[o]);
+        let (groups, s) = (self.groups(), self.scales[o]);
         for (i, v) in out.iter_mut().enumerate() {
-            *v = f32::from(self.packed[index(groups, o, i)]) * s * times;
+            *v = f32::from(self.packed[self.layout.index(groups, o, i)]) * s * times;
         }
     }
 
-    /// Bytes the weight takes: the int8 values (with their padding) and the scales.
+    /// Bytes the weight takes: the int8 values (with their padding), the scales and (VNNI
+    /// layout) the blocks' column sums.
     pub(crate) fn bytes(&self) -> usize {
-        self.packed.len() + 4 * self.scales.len()
+        self.packed.len() + 4 * self.scales.len() + 2 * self.sums.len()
     }
-}
-
-/// Where `q[o, i]` lies in the packed layout of a weight with `groups` groups of inputs.
-fn index(groups: usize, o: usize, i: usize) -> usize {
-    ((o / STRIP * groups + i / GROUP) * STRIP + o % STRIP) * GROUP + i % GROUP
 }
 
 /// The scale `max / 127` of a row whose largest magnitude is `max`, and the factor `127 / max`
@@ -240,43 +335,98 @@ fn quantize_value(v: f32, inv: f32) -> i8 {
 const BLOCK_GROUPS: usize = 16;
 /// Inputs per activation block.
 const BLOCK: usize = BLOCK_GROUPS * GROUP;
+/// Groups of 4 inputs in a block ([`Layout::Quads`]).
+const QUAD_BLOCK: usize = BLOCK / QUAD;
 
-/// Input rows quantized for a product: `q: [rows][groups · 4]` as i16 (zero-padded) and one
-/// scale per block of [`BLOCK`] inputs of each row.
-struct QuantizedRows {
-    q: Vec<i16>,
+/// One row's share of [`quantize_rows`]' outputs: the input row, its levels, and its blocks'
+/// scales and zero words.
+type RowPieces<'a, T> = (
+    ArrayView1<'a, f32>,
+    (&'a mut [T], (&'a mut [f32], &'a mut [i32])),
+);
+
+/// Input rows quantized for a product: `q: [rows][width]` (zero-padded), one scale per block
+/// of [`BLOCK`] inputs of each row, and each block's zero point as the word the VNNI kernel's
+/// compensation multiplies ([`Level::zero_word`]).
+struct QuantizedRows<T> {
+    q: Vec<T>,
     scales: Vec<f32>,
+    zeros: Vec<i32>,
     width: usize,
     blocks: usize,
 }
 
-impl QuantizedRows {
-    fn row(&self, r: usize) -> &[i16] {
+impl<T> QuantizedRows<T> {
+    fn row(&self, r: usize) -> &[T] {
         &self.q[r * self.width..(r + 1) * self.width]
     }
 
     fn scales(&self, r: usize) -> &[f32] {
         &self.scales[r * self.blocks..(r + 1) * self.blocks]
     }
+
+    fn zeros(&self, r: usize) -> &[i32] {
+        &self.zeros[r * self.blocks..(r + 1) * self.blocks]
+    }
 }
 
-/// `x: [rows, in]` quantized in blocks of [`BLOCK`] inputs ([`quantize_block`]), rows in
-/// parallel.
-fn quantize_rows(x: ArrayView2<f32>, groups: usize) -> QuantizedRows {
-    let (rows, width) = (x.nrows(), groups * GROUP);
-    let blocks = groups.div_ceil(BLOCK_GROUPS);
-    let mut q = vec![0i16; rows * width];
+/// How a level `u` of a block's 8-bit grid (zero point `zero`) is kept: as `d = u − zero` in
+/// an i16 (the AVX2 and scalar kernels) or as the u8 `u` itself (VNNI, which subtracts
+/// `zero · Σ w` afterwards).
+trait Level: Copy + Default + Send + Sync {
+    fn level(d: f32, zero: f32) -> Self;
+}
+
+impl Level for i16 {
+    #[inline(always)]
+    fn level(d: f32, _zero: f32) -> Self {
+        d as i16
+    }
+}
+
+impl Level for u8 {
+    #[inline(always)]
+    fn level(d: f32, zero: f32) -> Self {
+        (d + zero) as u8
+    }
+}
+
+/// The i32 word whose i16 pair, multiplied by a block pair's column sums (`vpdpwssd`), gives
+/// `−zero · Σ w` for block `b`: `−zero` in the low half for an even block, the high half for
+/// an odd one.
+fn zero_word(zero: f32, b: usize) -> i32 {
+    let half = i32::from((-zero) as i16 as u16);
+    if b.is_multiple_of(2) {
+        half
+    } else {
+        half << 16
+    }
+}
+
+/// `x: [rows, in]` quantized in blocks of [`BLOCK`] inputs ([`quantize_block`]) into rows of
+/// `width ≥ in` levels, rows in parallel.
+fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize) -> QuantizedRows<T> {
+    let rows = x.nrows();
+    let blocks = width.div_ceil(BLOCK);
+    let mut q = vec![T::default(); rows * width];
     let mut scales = vec![0.0f32; rows * blocks];
-    let work = |(row, (q, scales)): (ArrayView1<f32>, (&mut [i16], &mut [f32]))| {
+    let mut zeros = vec![0i32; rows * blocks];
+    let work = |(row, (q, (scales, zeros))): RowPieces<T>| {
         let row = row.as_standard_layout();
         let row = row.as_slice().expect("standard layout");
-        for ((x, q), scale) in row.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(scales) {
-            *scale = quantize_block(x, &mut q[..x.len()]);
+        let blocks = row.chunks(BLOCK).zip(q.chunks_mut(BLOCK));
+        for (b, ((x, q), (scale, zero))) in blocks.zip(scales.iter_mut().zip(zeros)).enumerate() {
+            let z;
+            (*scale, z) = quantize_block(x, &mut q[..x.len()]);
+            *zero = zero_word(z, b);
         }
     };
     let pieces = x.rows().into_iter().zip(
-        q.chunks_mut(width.max(1))
-            .zip(scales.chunks_mut(blocks.max(1))),
+        q.chunks_mut(width.max(1)).zip(
+            scales
+                .chunks_mut(blocks.max(1))
+                .zip(zeros.chunks_mut(blocks.max(1))),
+        ),
     );
     if rows * width >= 1 << 16 {
         pieces.collect::<Vec<_>>().into_par_iter().for_each(work);
@@ -286,37 +436,39 @@ fn quantize_rows(x: ArrayView2<f32>, groups: usize) -> QuantizedRows {
     QuantizedRows {
         q,
         scales,
+        zeros,
         width,
         blocks,
     }
 }
 
-/// One block of a row as integers `d` with `x ≈ scale · d`; returns the scale.
+/// One block of a row as levels with `x ≈ scale · (u − zero)`; returns the scale and the zero
+/// point.
 ///
 /// The block's range `[min(x, 0), max(x, 0)]` is cut into 255 steps (u8 values with a zero
-/// point, kept as `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or
-/// ReLU's output) gets twice the resolution a symmetric ±127 grid gives it. A block with a
-/// non-finite value gets a NaN scale, so that its row's outputs are NaN, as in f32.
+/// point, `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or ReLU's
+/// output) gets twice the resolution a symmetric ±127 grid gives it. A block with a non-finite
+/// value gets a NaN scale, so that its row's outputs are NaN, as in f32.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn quantize_block(x: &[f32], q: &mut [i16]) -> f32 {
+fn quantize_block<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
     let (lo, hi) = x
         .iter()
         .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if !(hi - lo).is_finite() || x.iter().any(|v| v.is_nan()) {
-        q.fill(0);
-        return f32::NAN;
+        q.fill(T::level(0.0, 0.0));
+        return (f32::NAN, 0.0);
     }
     if hi == lo {
-        q.fill(0);
-        return 0.0;
+        q.fill(T::level(0.0, 0.0));
+        return (0.0, 0.0);
     }
     let inv = 255.0 / (hi - lo);
     let zero = (-lo * inv).round_ties_even();
     let (min, max) = (-zero, 255.0 - zero);
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * inv).round_ties_even().clamp(min, max) as i16;
+        *q = T::level((v * inv).round_ties_even().clamp(min, max), zero);
     }
-    (hi - lo) / 255.0
+    ((hi - lo) / 255.0, zero)
 }
 
 /// `y = x · Wᵀ` dequantized, plus `bias`, for an int8 weight: `x: [rows, in]`, `y: [rows,
@@ -339,62 +491,38 @@ pub(crate) fn int8_linear(
     if y.is_empty() {
         return;
     }
-    let groups = w.inputs.div_ceil(GROUP);
-    let xq = quantize_rows(x, groups);
     let bias = bias.as_ref().map(|b| b.as_standard_layout());
     let bias = bias
         .as_ref()
         .map(|b| b.as_slice().expect("standard layout"));
-    let kernel = Kernel::detect();
+    let groups = w.groups();
+    let width = groups * w.layout.group();
+    let rows = match w.layout {
+        Layout::Pairs => Rows::Pairs(quantize_rows(x, width), Kernel::detect()),
+        Layout::Quads => Rows::Quads(quantize_rows(x, width)),
+    };
     let mut units = Vec::new();
     for (chunk, y_rows) in y.axis_chunks_iter_mut(Axis(0), CHUNK_ROWS).enumerate() {
         let mut rest = y_rows;
-        let mut strip0 = 0;
+        let mut col0 = 0;
         while rest.ncols() > 0 {
-            let width = (UNIT_STRIPS * STRIP).min(rest.ncols());
+            let width = UNIT_COLS.min(rest.ncols());
             let (block, tail) = rest.split_at(Axis(1), width);
-            units.push((chunk * CHUNK_ROWS, strip0, block));
-            strip0 += UNIT_STRIPS;
+            units.push((chunk * CHUNK_ROWS, col0, block));
+            col0 += UNIT_COLS;
             rest = tail;
         }
     }
-    let run = |(row0, strip0, mut y_block): (usize, usize, ArrayViewMut2<f32>)| {
-        let (rows, cols) = y_block.dim();
+    let run = |(row0, col0, mut y_block): (usize, usize, ArrayViewMut2<f32>)| {
+        let (rows_here, cols) = y_block.dim();
         // The unit's sums, `[rows, cols]`, dequantized into `y` row by row at the end.
-        let mut unit = vec![0.0f32; rows * cols];
-        let mut tile = [[[0.0f32; STRIP]; TILE_STRIPS]; TILE_ROWS];
-        let strips = cols.div_ceil(STRIP);
-        let strip_len = groups * STRIP * GROUP;
-        let (most_strips, most_rows) = tile_shape(rows);
-        let mut s = 0;
-        while s < strips {
-            let take_strips = (strips - s).min(most_strips);
-            // A fixed-size array on the stack; a lone last strip fills both slots, and only the
-            // first `take_strips` are passed on.
-            let weights: [&[i8]; TILE_STRIPS] = std::array::from_fn(|i| {
-                let strip = strip0 + s + i.min(take_strips - 1);
-                &w.packed[strip * strip_len..][..strip_len]
-            });
-            let (c0, width) = (s * STRIP, (cols - s * STRIP).min(take_strips * STRIP));
-            let mut r = 0;
-            while r < rows {
-                let take = tile_rows(rows - r, most_rows);
-                kernel.tiles(
-                    &xq,
-                    row0 + r,
-                    &weights[..take_strips],
-                    groups,
-                    &mut tile[..take],
-                );
-                for (i, tile) in tile[..take].iter().enumerate() {
-                    unit[(r + i) * cols + c0..][..width]
-                        .copy_from_slice(&tile.as_flattened()[..width]);
-                }
-                r += take;
+        let mut unit = vec![0.0f32; rows_here * cols];
+        match &rows {
+            Rows::Pairs(xq, kernel) => {
+                pairs_unit(xq, *kernel, w, row0, rows_here, col0, cols, &mut unit)
             }
-            s += take_strips;
+            Rows::Quads(xq) => quads_unit(xq, w, row0, rows_here, col0, cols, &mut unit),
         }
-        let col0 = strip0 * STRIP;
         let (sw, bias) = (
             &w.scales[col0..col0 + cols],
             bias.map(|b| &b[col0..col0 + cols]),
@@ -408,6 +536,246 @@ pub(crate) fn int8_linear(
     } else {
         units.into_iter().for_each(run);
     }
+}
+
+/// The quantized input of a product, in the form its weight's layout reads.
+enum Rows {
+    /// Levels as i16 `u − zero`, for the AVX2 or scalar kernel.
+    Pairs(QuantizedRows<i16>, Kernel),
+    /// Levels as u8 `u`, for the VNNI kernel.
+    Quads(QuantizedRows<u8>),
+}
+
+/// The sums of one unit, rows `row0..row0 + rows` × columns `col0..col0 + cols` of a
+/// [`Layout::Pairs`] weight, into `unit: [rows, cols]`.
+#[allow(clippy::too_many_arguments)]
+fn pairs_unit(
+    xq: &QuantizedRows<i16>,
+    kernel: Kernel,
+    w: &Int8Weight,
+    row0: usize,
+    rows: usize,
+    col0: usize,
+    cols: usize,
+    unit: &mut [f32],
+) {
+    let groups = w.groups();
+    let mut tile = [[[0.0f32; STRIP]; TILE_STRIPS]; TILE_ROWS];
+    let strips = cols.div_ceil(STRIP);
+    let strip0 = col0 / STRIP;
+    let strip_len = groups * STRIP * GROUP;
+    let (most_strips, most_rows) = tile_shape(rows);
+    let mut s = 0;
+    while s < strips {
+        let take_strips = (strips - s).min(most_strips);
+        // A fixed-size array on the stack; a lone last strip fills both slots, and only the
+        // first `take_strips` are passed on.
+        let weights: [&[i8]; TILE_STRIPS] = std::array::from_fn(|i| {
+            let strip = strip0 + s + i.min(take_strips - 1);
+            &w.packed[strip * strip_len..][..strip_len]
+        });
+        let (c0, width) = (s * STRIP, (cols - s * STRIP).min(take_strips * STRIP));
+        let mut r = 0;
+        while r < rows {
+            let take = tile_rows(rows - r, most_rows);
+            kernel.tiles(
+                xq,
+                row0 + r,
+                &weights[..take_strips],
+                groups,
+                &mut tile[..take],
+            );
+            for (i, tile) in tile[..take].iter().enumerate() {
+                unit[(r + i) * cols + c0..][..width].copy_from_slice(&tile.as_flattened()[..width]);
+            }
+            r += take;
+        }
+        s += take_strips;
+    }
+}
+
+/// [`pairs_unit`] for a [`Layout::Quads`] weight, on the VNNI kernel: tiles of 8 rows × 1
+/// strip (16 columns) for products of up to 8 rows, 6 rows × 2 strips for taller ones.
+#[allow(clippy::too_many_arguments)]
+fn quads_unit(
+    xq: &QuantizedRows<u8>,
+    w: &Int8Weight,
+    row0: usize,
+    rows: usize,
+    col0: usize,
+    cols: usize,
+    unit: &mut [f32],
+) {
+    let quads = w.groups();
+    let strips = cols.div_ceil(WIDE_STRIP);
+    let strip0 = col0 / WIDE_STRIP;
+    let strip_len = quads * WIDE_STRIP * QUAD;
+    let sums_len = w.inputs.div_ceil(BLOCK).div_ceil(2) * WIDE_STRIP * 2;
+    let (most_strips, most_rows) = tile_shape(rows);
+    let mut tile = [[[0.0f32; WIDE_STRIP]; TILE_STRIPS]; TILE_ROWS];
+    let mut s = 0;
+    while s < strips {
+        let take_strips = (strips - s).min(most_strips);
+        let pick = |i: usize| strip0 + s + i.min(take_strips - 1);
+        let weights: [&[i8]; TILE_STRIPS] =
+            std::array::from_fn(|i| &w.packed[pick(i) * strip_len..][..strip_len]);
+        let sums: [&[i16]; TILE_STRIPS] =
+            std::array::from_fn(|i| &w.sums[pick(i) * sums_len..][..sums_len]);
+        let (c0, width) = (
+            s * WIDE_STRIP,
+            (cols - s * WIDE_STRIP).min(take_strips * WIDE_STRIP),
+        );
+        let mut r = 0;
+        while r < rows {
+            let take = tile_rows(rows - r, most_rows);
+            vnni_tiles(
+                xq,
+                row0 + r,
+                &weights[..take_strips],
+                &sums[..take_strips],
+                quads,
+                &mut tile[..take],
+            );
+            for (i, tile) in tile[..take].iter().enumerate() {
+                unit[(r + i) * cols + c0..][..width].copy_from_slice(&tile.as_flattened()[..width]);
+            }
+            r += take;
+        }
+        s += take_strips;
+    }
+}
+
+/// One VNNI tile's output: up to [`TILE_STRIPS`] strips of 16 columns a row.
+type WideOut = [[f32; WIDE_STRIP]; TILE_STRIPS];
+
+/// The sums of rows `first..first + out.len()` × `strips` of a [`Layout::Quads`] weight: 8, 6,
+/// 4, 2 or 1 rows × 1 strip, or 6, 4, 2 or 1 rows × 2 strips.
+fn vnni_tiles(
+    xq: &QuantizedRows<u8>,
+    first: usize,
+    strips: &[&[i8]],
+    sums: &[&[i16]],
+    quads: usize,
+    out: &mut [WideOut],
+) {
+    fn one<const R: usize, const S: usize>(
+        xq: &QuantizedRows<u8>,
+        first: usize,
+        strips: &[&[i8]],
+        sums: &[&[i16]],
+        quads: usize,
+        out: &mut [WideOut],
+    ) {
+        let rows: [&[u8]; R] = std::array::from_fn(|i| xq.row(first + i));
+        let zeros: [&[i32]; R] = std::array::from_fn(|i| xq.zeros(first + i));
+        let scales: [&[f32]; R] = std::array::from_fn(|i| xq.scales(first + i));
+        let strips: [&[i8]; S] = std::array::from_fn(|i| strips[i]);
+        let sums: [&[i16]; S] = std::array::from_fn(|i| sums[i]);
+        let blocks = quads.div_ceil(QUAD_BLOCK);
+        assert!(
+            vnni(),
+            "the VNNI layout is packed only where the CPU has VNNI"
+        );
+        assert!(strips.iter().all(|s| s.len() >= quads * WIDE_STRIP * QUAD));
+        assert!(sums
+            .iter()
+            .all(|s| s.len() >= blocks.div_ceil(2) * WIDE_STRIP * 2));
+        assert!(rows.iter().all(|r| r.len() >= quads * QUAD));
+        assert!(scales.iter().all(|s| s.len() >= blocks));
+        assert!(zeros.iter().all(|z| z.len() >= blocks));
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU has AVX-512 F, BW and VNNI, and the lengths are checked above.
+            let tile = unsafe { tile_vnni::<R, S>(rows, zeros, scales, strips, sums, quads) };
+            for (out, tile) in out.iter_mut().zip(tile) {
+                out[..S].copy_from_slice(&tile);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{out:?}");
+    }
+    macro_rules! dispatch {
+        ($(($r:literal, $s:literal)),*) => {
+            match (out.len(), strips.len()) {
+                $(($r, $s) => one::<$r, $s>(xq, first, strips, sums, quads, out),)*
+                (r, s) => unreachable!("no tile of {r} rows × {s} strips"),
+            }
+        };
+    }
+    dispatch!(
+        (6, 2),
+        (4, 2),
+        (2, 2),
+        (1, 2),
+        (8, 1),
+        (6, 1),
+        (4, 1),
+        (2, 1),
+        (1, 1)
+    );
+}
+
+/// The VNNI register tile: `R` rows × `S` strips of 16 columns. Per group of 4 inputs, each
+/// strip's 64 weights are loaded once and each row's 4 u8 levels broadcast once, and
+/// `vpdpbusd` adds the 4 products of each column into its i32 lane. At the end of a block,
+/// `vpdpwssd` adds `−zero · Σ w` (the zero point times the block's column sums), which makes
+/// each lane the exact sum `Σ (u − zero) · w` the other paths compute; it is then converted,
+/// scaled and added to the row's f32 sums, as on the other paths.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI; each row must hold at least `quads · 4` levels,
+/// each scale and zero row one value a block of 8 groups, each strip `quads · 64` values and
+/// each sums slice 32 values a pair of blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni<const R: usize, const S: usize>(
+    rows: [&[u8]; R],
+    zeros: [&[i32]; R],
+    scales: [&[f32]; R],
+    strips: [&[i8]; S],
+    sums: [&[i16]; S],
+    quads: usize,
+) -> [[[f32; WIDE_STRIP]; S]; R] {
+    use std::arch::x86_64::*;
+    let mut total = [[_mm512_setzero_ps(); S]; R];
+    for (b, start) in (0..quads).step_by(QUAD_BLOCK).enumerate() {
+        let mut acc = [[_mm512_setzero_si512(); S]; R];
+        for g in start..(start + QUAD_BLOCK).min(quads) {
+            // SAFETY: group `g` of a strip is 64 bytes from `strip + 64 g`, within it.
+            let wg: [__m512i; S] = std::array::from_fn(|s| unsafe {
+                _mm512_loadu_si512(strips[s].as_ptr().add(g * WIDE_STRIP * QUAD).cast())
+            });
+            for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                // SAFETY: the row's group `g` is four u8s from `row + 4 g`, within the row.
+                let x = unsafe { row.as_ptr().add(g * QUAD).cast::<i32>().read_unaligned() };
+                let x = _mm512_set1_epi32(x);
+                for (acc, &wg) in acc.iter_mut().zip(&wg) {
+                    *acc = _mm512_dpbusd_epi32(*acc, x, wg);
+                }
+            }
+        }
+        // SAFETY: the block pair's column sums are 32 i16s from `sums + 32 (b / 2)`.
+        let cs: [__m512i; S] = std::array::from_fn(|s| unsafe {
+            _mm512_loadu_si512(sums[s].as_ptr().add(b / 2 * WIDE_STRIP * 2).cast())
+        });
+        for r in 0..R {
+            let zero = _mm512_set1_epi32(zeros[r][b]);
+            let scale = _mm512_set1_ps(scales[r][b]);
+            for s in 0..S {
+                let exact = _mm512_dpwssd_epi32(acc[r][s], zero, cs[s]);
+                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
+                total[r][s] = _mm512_add_ps(total[r][s], scaled);
+            }
+        }
+    }
+    let mut out = [[[0.0f32; WIDE_STRIP]; S]; R];
+    for (total, out) in total.iter().zip(out.iter_mut()) {
+        for (total, out) in total.iter().zip(out.iter_mut()) {
+            // SAFETY: `out` is 16 f32s.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *total) };
+        }
+    }
+    out
 }
 
 /// The tile shape for a unit of `rows` rows: the strips a tile covers and the rows the
@@ -484,7 +852,7 @@ impl Kernel {
     /// `out`.
     fn tiles(
         self,
-        xq: &QuantizedRows,
+        xq: &QuantizedRows<i16>,
         first: usize,
         strips: &[&[i8]],
         groups: usize,
@@ -523,7 +891,7 @@ impl Kernel {
     /// of inputs.
     fn tile<const R: usize, const S: usize>(
         self,
-        xq: &QuantizedRows,
+        xq: &QuantizedRows<i16>,
         first: usize,
         strips: [&[i8]; S],
         groups: usize,
@@ -650,7 +1018,7 @@ mod tests {
     /// The product by definition, from the unpacked int8 values.
     fn reference(x: ArrayView2<f32>, w: &Int8Weight, bias: Option<&[f32]>) -> Array2<f32> {
         let q = w.values();
-        let xq = quantize_rows(x, w.inputs.div_ceil(GROUP));
+        let xq = quantize_rows::<i16>(x, w.inputs);
         let mut y = Array2::zeros((x.nrows(), w.out));
         for r in 0..x.nrows() {
             let sums: Vec<f32> = (0..w.out)
@@ -672,6 +1040,15 @@ mod tests {
         y
     }
 
+    /// The layouts this CPU's kernels read: pairs always, quads where it has VNNI.
+    fn layouts() -> Vec<Layout> {
+        let mut layouts = vec![Layout::Pairs];
+        if vnni() {
+            layouts.push(Layout::Quads);
+        }
+        layouts
+    }
+
     #[test]
     fn every_path_equals_the_reference_bit_for_bit_on_edge_shapes() {
         for (m, k, n) in [
@@ -688,15 +1065,29 @@ mod tests {
             (130, 40, 300),
         ] {
             let x = values(m, k, 1);
-            let w = Int8Weight::quantize(values(n, k, 2).view()).unwrap();
+            let quantized = Int8Weight::quantize(values(n, k, 2).view()).unwrap();
             let bias: Vec<f32> = (0..n).map(|o| o as f32 * 0.01 - 0.3).collect();
             for b in [None, Some(&bias[..])] {
-                let expected = reference(x.view(), &w, b);
-                let mut y = Array2::from_elem((m, n), f32::NAN);
-                int8_linear(x.view(), &w, b.map(ArrayView1::from), y.view_mut());
-                assert_eq!(y, expected, "{m} × {k} × {n}, bias {}", b.is_some());
+                let expected = reference(x.view(), &quantized, b);
+                for layout in layouts() {
+                    let w = Int8Weight::from_parts_in(
+                        quantized.values().view(),
+                        quantized.scales(),
+                        layout,
+                    );
+                    assert_eq!(w.values(), quantized.values());
+                    let mut y = Array2::from_elem((m, n), f32::NAN);
+                    int8_linear(x.view(), &w, b.map(ArrayView1::from), y.view_mut());
+                    let shape = format!("{m} × {k} × {n}, bias {}", b.is_some());
+                    assert_eq!(y, expected, "{layout:?}, {shape}");
+                }
+                let w = Int8Weight::from_parts_in(
+                    quantized.values().view(),
+                    quantized.scales(),
+                    Layout::Pairs,
+                );
                 let groups = k.div_ceil(GROUP);
-                let xq = quantize_rows(x.view(), groups);
+                let xq = quantize_rows(x.view(), groups * GROUP);
                 let strip_len = groups * STRIP * GROUP;
                 let count = n.div_ceil(STRIP);
                 let last: Vec<&[i8]> = (count.saturating_sub(TILE_STRIPS)..count)
@@ -737,10 +1128,13 @@ mod tests {
         let k = 1000;
         let x = Array2::from_shape_fn((3, k), |(i, j)| if (i + j) % 2 == 0 { 1.0 } else { -1.0 });
         let w = Array2::from_shape_fn((9, k), |(o, j)| if (o + j) % 2 == 0 { 2.0 } else { -2.0 });
-        let w = Int8Weight::quantize(w.view()).unwrap();
+        let q = Int8Weight::quantize(w.view()).unwrap();
         let mut y = Array2::zeros((3, 9));
-        int8_linear(x.view(), &w, None, y.view_mut());
-        assert_eq!(y, reference(x.view(), &w, None));
+        for layout in layouts() {
+            let w = Int8Weight::from_parts_in(q.values().view(), q.scales(), layout);
+            int8_linear(x.view(), &w, None, y.view_mut());
+            assert_eq!(y, reference(x.view(), &w, None), "{layout:?}");
+        }
         // Same signs give +k·2, opposite −k·2, exactly (127 · 127 · k fits in an i32).
         for ((r, o), &v) in y.indexed_iter() {
             let want = if (r + o) % 2 == 0 {

@@ -47,7 +47,7 @@ pub(super) fn values_with_outliers(
 ) -> Array2<f32> {
     Array2::from_shape_fn((rows, cols), |(i, j)| {
         let v = ((i * 131 + j * 71 + seed * 17) % 97) as f32 / scale - 1.0;
-        if (i + j + seed) % 23 == 0 {
+        if (i + j + seed).is_multiple_of(23) {
             v * 8.0
         } else {
             v
