@@ -471,6 +471,25 @@ fn quantize_block<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
     ((hi - lo) / 255.0, zero)
 }
 
+/// Calls `$dispatch!` with every register-tile shape `(rows, strips)` the kernels have: 8,
+/// 6, 4, 2 or 1 rows × 1 strip ([`tile_shape`] for up to 8 rows) and 6, 4, 2 or 1 rows × 2
+/// strips (taller products), as [`tile_rows`] picks them.
+macro_rules! tile_shapes {
+    ($dispatch:ident) => {
+        $dispatch!(
+            (6, 2),
+            (4, 2),
+            (2, 2),
+            (1, 2),
+            (8, 1),
+            (6, 1),
+            (4, 1),
+            (2, 1),
+            (1, 1)
+        )
+    };
+}
+
 /// `y = x · Wᵀ` dequantized, plus `bias`, for an int8 weight: `x: [rows, in]`, `y: [rows,
 /// out]` (any contents, overwritten).
 ///
@@ -702,17 +721,7 @@ fn vnni_tiles(
             }
         };
     }
-    dispatch!(
-        (6, 2),
-        (4, 2),
-        (2, 2),
-        (1, 2),
-        (8, 1),
-        (6, 1),
-        (4, 1),
-        (2, 1),
-        (1, 1)
-    );
+    tile_shapes!(dispatch);
 }
 
 /// The VNNI register tile: `R` rows × `S` strips of 16 columns. Per group of 4 inputs, each
@@ -874,17 +883,7 @@ impl Kernel {
                 }
             };
         }
-        dispatch!(
-            (6, 2),
-            (4, 2),
-            (2, 2),
-            (1, 2),
-            (8, 1),
-            (6, 1),
-            (4, 1),
-            (2, 1),
-            (1, 1)
-        );
+        tile_shapes!(dispatch);
     }
 
     /// The sums of rows `first..first + R` × `S` strips of 8 columns over all `groups` groups
