@@ -375,10 +375,13 @@ impl<T> QuantizedRows<T> {
 /// an i16 (the AVX2 and scalar kernels) or as the u8 `u` itself (VNNI, which subtracts
 /// `zero · Σ w` afterwards).
 trait Level: Copy + Default + Send + Sync {
+    /// Whether the level is the u8 `u` (else the i16 `u − zero`).
+    const UNSIGNED: bool;
     fn level(d: f32, zero: f32) -> Self;
 }
 
 impl Level for i16 {
+    const UNSIGNED: bool = false;
     #[inline(always)]
     fn level(d: f32, _zero: f32) -> Self {
         d as i16
@@ -386,6 +389,7 @@ impl Level for i16 {
 }
 
 impl Level for u8 {
+    const UNSIGNED: bool = true;
     #[inline(always)]
     fn level(d: f32, zero: f32) -> Self {
         (d + zero) as u8
@@ -412,13 +416,14 @@ fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize) -> QuantizedRows<T>
     let mut q = vec![T::default(); rows * width];
     let mut scales = vec![0.0f32; rows * blocks];
     let mut zeros = vec![0i32; rows * blocks];
+    let avx512 = avx512bw();
     let work = |(row, (q, (scales, zeros))): RowPieces<T>| {
         let row = row.as_standard_layout();
         let row = row.as_slice().expect("standard layout");
         let blocks = row.chunks(BLOCK).zip(q.chunks_mut(BLOCK));
         for (b, ((x, q), (scale, zero))) in blocks.zip(scales.iter_mut().zip(zeros)).enumerate() {
             let z;
-            (*scale, z) = quantize_block(x, &mut q[..x.len()]);
+            (*scale, z) = quantize_levels(avx512, x, &mut q[..x.len()]);
             *zero = zero_word(z, b);
         }
     };
@@ -468,6 +473,85 @@ fn quantize_block<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
     let (min, max) = (-zero, 255.0 - zero);
     for (q, &v) in q.iter_mut().zip(x) {
         *q = T::level((v * inv).round_ties_even().clamp(min, max), zero);
+    }
+    ((hi - lo) / 255.0, zero)
+}
+
+/// Whether this CPU has AVX-512 F and BW, for [`quantize_block_avx512`].
+fn avx512bw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`quantize_block`], on AVX-512 where `avx512` says the CPU has it ([`avx512bw`]).
+#[inline(always)]
+fn quantize_levels<T: Level>(avx512: bool, x: &[f32], q: &mut [T]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512 && x.len() <= BLOCK {
+        // SAFETY: the CPU has AVX-512 F and BW, and the block is at most 32 values.
+        return unsafe { quantize_block_avx512(x, q) };
+    }
+    let _ = avx512;
+    quantize_block(x, q)
+}
+
+/// [`quantize_block`] on AVX-512 (F, BW), for a block of at most 32 values: the same levels,
+/// scale and zero point, bit for bit, the block in two registers. The grid's steps are the
+/// same f32 operations (`v · inv` rounded to the nearest, ties to even, then clamped), and
+/// the levels are exact small integers, so converting them cannot round.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; `x` holds at most [`BLOCK`] values and `q` as many.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    const HALF: usize = BLOCK / 2;
+    assert!(x.len() <= BLOCK && q.len() == x.len());
+    let masks: [__mmask16; 2] = std::array::from_fn(|h| {
+        let n = x.len().saturating_sub(h * HALF).min(HALF);
+        ((1u32 << n) - 1) as __mmask16
+    });
+    // SAFETY: the masked loads read only the block's values (lanes past its end are zero).
+    let v: [__m512; 2] = std::array::from_fn(|h| unsafe {
+        _mm512_maskz_loadu_ps(masks[h], x.as_ptr().wrapping_add(h * HALF))
+    });
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v[0], v[0])
+        | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v[1], v[1]);
+    // The zero lanes past the end change neither bound: both start at 0.
+    let lo = _mm512_reduce_min_ps(_mm512_min_ps(v[0], v[1])).min(0.0);
+    let hi = _mm512_reduce_max_ps(_mm512_max_ps(v[0], v[1])).max(0.0);
+    if nan != 0 || !(hi - lo).is_finite() {
+        q.fill(T::level(0.0, 0.0));
+        return (f32::NAN, 0.0);
+    }
+    if hi == lo {
+        q.fill(T::level(0.0, 0.0));
+        return (0.0, 0.0);
+    }
+    let inv = 255.0 / (hi - lo);
+    let zero = (-lo * inv).round_ties_even();
+    let (min, max) = (_mm512_set1_ps(-zero), _mm512_set1_ps(255.0 - zero));
+    for (h, (&v, &mask)) in v.iter().zip(&masks).enumerate() {
+        let d = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(v, _mm512_set1_ps(inv)),
+        );
+        let d = _mm512_min_ps(_mm512_max_ps(d, min), max);
+        // SAFETY: the masked stores write only the block's levels.
+        unsafe {
+            if T::UNSIGNED {
+                let u = _mm512_cvtps_epi32(_mm512_add_ps(d, _mm512_set1_ps(zero)));
+                let at = q.as_mut_ptr().cast::<i8>().wrapping_add(h * HALF);
+                _mm512_mask_cvtusepi32_storeu_epi8(at, mask, u);
+            } else {
+                let at = q.as_mut_ptr().cast::<i16>().wrapping_add(h * HALF);
+                _mm512_mask_cvtsepi32_storeu_epi16(at, mask, _mm512_cvtps_epi32(d));
+            }
+        }
     }
     ((hi - lo) / 255.0, zero)
 }
@@ -1036,6 +1120,58 @@ mod tests {
             layouts.push(Layout::Quads);
         }
         layouts
+    }
+
+    /// `quantize_block_avx512` against `quantize_block` for levels of type `T`, on blocks of
+    /// every length with one-sided, symmetric, all-zero, tied and non-finite values.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_blocks_match<T: Level + PartialEq + std::fmt::Debug>() {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e30,
+            -1e-30,
+        ];
+        for len in 1..=BLOCK {
+            for case in 0..12usize {
+                let mut x: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let v = ((i * 37 + case * 11) % 23) as f32 - 9.0;
+                        match case % 4 {
+                            0 => v * 0.173,
+                            1 => v.abs() * 0.5,
+                            2 => -v.abs() * 2.5,
+                            // Multiples of 1/2 meet the grid's ties.
+                            _ => (v * 0.5).round() / 2.0 + 0.25,
+                        }
+                    })
+                    .collect();
+                if case >= 8 {
+                    x[(case * 7) % len] = specials[case - 8 + len % 3];
+                }
+                if case == 4 {
+                    x.fill(0.0);
+                }
+                let (mut plain, mut fast) = (vec![T::default(); len], vec![T::default(); len]);
+                let expected = quantize_block(&x, &mut plain);
+                // SAFETY: checked that the CPU has AVX-512 F and BW; len ≤ 32.
+                let got = unsafe { quantize_block_avx512(&x, &mut fast) };
+                assert_eq!(fast, plain, "levels of {x:?}");
+                assert_eq!(got.0.to_bits(), expected.0.to_bits(), "scale of {x:?}");
+                assert_eq!(got.1, expected.1, "zero point of {x:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_activation_quantizer_equals_the_plain_one_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if avx512bw() {
+            avx512_blocks_match::<i16>();
+            avx512_blocks_match::<u8>();
+        }
     }
 
     #[test]
