@@ -23,6 +23,10 @@
 //!   AMX products. They are kept from one product to the next so that they are not fresh pages
 //!   each time. Every product overwrites what it reads, so no value passes through them from
 //!   one call to another.
+//! - whether the int8 products may use the AMX tiles (`ops/int8_amx.rs`), a `OnceLock<bool>`
+//!   asked once, since `cpuid` traps to the hypervisor in a virtual machine.
+//! - `UNIT` (`ops/int8.rs`), a per-thread buffer for the sums of one unit of an int8 product
+//!   before they are dequantized, overwritten by each unit before it is read.
 //! - `SCRATCH` (`ops/bf16.rs`), a per-thread buffer for the f32 widening of the bf16 weight
 //!   panel a batch product works on, kept for the same reason and overwritten by each product
 //!   before it is read.

@@ -36,6 +36,7 @@ use ndarray::parallel::prelude::*;
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::lanes::with_slice;
+use super::Epilogue;
 
 /// Values of `k` one group of the packed layout holds: the pair of i16 inputs `vpmaddwd` adds
 /// into one i32 lane.
@@ -101,6 +102,15 @@ impl Layout {
             Layout::Quads
         } else {
             Layout::Pairs
+        }
+    }
+
+    /// Groups of inputs a strip holds for `inputs` inputs: whole blocks of 32 inputs for
+    /// VNNI, so that the AMX tiles read whole blocks.
+    fn groups(self, inputs: usize) -> usize {
+        match self {
+            Layout::Pairs => inputs.div_ceil(GROUP),
+            Layout::Quads => inputs.div_ceil(BLOCK) * QUAD_BLOCK,
         }
     }
 
@@ -182,7 +192,7 @@ impl Int8Weight {
         let (out, inputs) = q.dim();
         debug_assert_eq!(scales.len(), out);
         let (group, strip) = (layout.group(), layout.strip());
-        let groups = inputs.div_ceil(group);
+        let groups = layout.groups(inputs);
         let mut packed = vec![0i8; out.div_ceil(strip) * groups * strip * group];
         for ((o, i), &v) in q.indexed_iter() {
             packed[layout.index(groups, o, i)] = v;
@@ -213,7 +223,7 @@ impl Int8Weight {
 
     /// Groups of inputs a strip holds in this weight's layout.
     fn groups(&self) -> usize {
-        self.inputs.div_ceil(self.layout.group())
+        self.layout.groups(self.inputs)
     }
 
     /// `out`, the number of outputs.
@@ -409,13 +419,15 @@ fn zero_word(zero: f32, b: usize) -> i32 {
 }
 
 /// `x: [rows, in]` quantized in blocks of [`BLOCK`] inputs ([`quantize_block`]) into rows of
-/// `width ≥ in` levels, rows in parallel.
-fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize) -> QuantizedRows<T> {
+/// `width ≥ in` levels, rows in parallel, followed by rows of zeros up to a multiple of
+/// `pad_rows` rows (the AMX tiles load 16 rows at a time).
+fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize, pad_rows: usize) -> QuantizedRows<T> {
     let rows = x.nrows();
     let blocks = width.div_ceil(BLOCK);
-    let mut q = vec![T::default(); rows * width];
-    let mut scales = vec![0.0f32; rows * blocks];
-    let mut zeros = vec![0i32; rows * blocks];
+    let stored = rows.next_multiple_of(pad_rows);
+    let mut q = vec![T::default(); stored * width];
+    let mut scales = vec![0.0f32; stored * blocks];
+    let mut zeros = vec![0i32; stored * blocks];
     let avx512 = avx512bw();
     let work = |(row, (q, (scales, zeros))): RowPieces<T>| {
         let row = row.as_standard_layout();
@@ -575,8 +587,15 @@ macro_rules! tile_shapes {
     };
 }
 
-/// `y = x · Wᵀ` dequantized, plus `bias`, for an int8 weight: `x: [rows, in]`, `y: [rows,
-/// out]` (any contents, overwritten).
+thread_local! {
+    /// Each thread's sums of one unit of [`int8_linear`], kept from unit to unit so that they
+    /// are not fresh memory each time; every unit overwrites what it reads.
+    static UNIT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `y = epilogue(x · Wᵀ + bias)`, dequantized, for an int8 weight: `x: [rows, in]`, `y: [rows,
+/// out]` (any contents, overwritten). The bias and the activation are applied to each row of a
+/// unit as its sums are stored.
 ///
 /// # Panics
 /// If the shapes disagree or `in` exceeds [`MAX_INPUTS`] (the callers check both).
@@ -584,6 +603,7 @@ pub(crate) fn int8_linear(
     x: ArrayView2<f32>,
     w: &Int8Weight,
     bias: Option<ArrayView1<f32>>,
+    epilogue: Epilogue,
     mut y: ArrayViewMut2<f32>,
 ) {
     assert_eq!(x.ncols(), w.inputs, "inputs agree");
@@ -602,8 +622,12 @@ pub(crate) fn int8_linear(
     let groups = w.groups();
     let width = groups * w.layout.group();
     let rows = match w.layout {
-        Layout::Pairs => Rows::Pairs(quantize_rows(x, width), Kernel::detect()),
-        Layout::Quads => Rows::Quads(quantize_rows(x, width)),
+        Layout::Pairs => Rows::Pairs(quantize_rows(x, width, 1), Kernel::detect()),
+        Layout::Quads => {
+            let tiles = amx_tiles(x.nrows());
+            let pad = if tiles.is_some() { AMX_ROWS } else { 1 };
+            Rows::Quads(quantize_rows(x, width, pad), tiles)
+        }
     };
     let mut units = Vec::new();
     for (chunk, y_rows) in y.axis_chunks_iter_mut(Axis(0), CHUNK_ROWS).enumerate() {
@@ -620,20 +644,32 @@ pub(crate) fn int8_linear(
     let run = |(row0, col0, mut y_block): (usize, usize, ArrayViewMut2<f32>)| {
         let (rows_here, cols) = y_block.dim();
         // The unit's sums, `[rows, cols]`, dequantized into `y` row by row at the end.
-        let mut unit = vec![0.0f32; rows_here * cols];
-        match &rows {
-            Rows::Pairs(xq, kernel) => {
-                pairs_unit(xq, *kernel, w, row0, rows_here, col0, cols, &mut unit)
+        // (Every unit writes all of it before reading it, so the buffer is not zeroed.)
+        UNIT.with(|unit| {
+            let mut unit = unit.borrow_mut();
+            if unit.len() < rows_here * cols {
+                unit.resize(rows_here * cols, 0.0);
             }
-            Rows::Quads(xq) => quads_unit(xq, w, row0, rows_here, col0, cols, &mut unit),
-        }
-        let (sw, bias) = (
-            &w.scales[col0..col0 + cols],
-            bias.map(|b| &b[col0..col0 + cols]),
-        );
-        for (out, sums) in y_block.rows_mut().into_iter().zip(unit.chunks(cols)) {
-            with_slice(out, |out| dequantize(sums, sw, bias, out));
-        }
+            let unit = &mut unit[..rows_here * cols];
+            match &rows {
+                Rows::Pairs(xq, kernel) => {
+                    pairs_unit(xq, *kernel, w, row0, rows_here, col0, cols, unit)
+                }
+                Rows::Quads(xq, tiles) => {
+                    quads_unit(xq, *tiles, w, row0, rows_here, col0, cols, unit)
+                }
+            }
+            let (sw, bias) = (
+                &w.scales[col0..col0 + cols],
+                bias.map(|b| &b[col0..col0 + cols]),
+            );
+            for (out, sums) in y_block.rows_mut().into_iter().zip(unit.chunks(cols)) {
+                with_slice(out, |out| {
+                    dequantize(sums, sw, bias, out);
+                    super::activation::activate(out, epilogue);
+                });
+            }
+        })
     };
     if units.len() > 1 && x.nrows() * w.inputs * w.out >= 1 << 18 {
         units.into_par_iter().for_each(run);
@@ -646,8 +682,30 @@ pub(crate) fn int8_linear(
 enum Rows {
     /// Levels as i16 `u − zero`, for the AVX2 or scalar kernel.
     Pairs(QuantizedRows<i16>, Kernel),
-    /// Levels as u8 `u`, for the VNNI kernel.
-    Quads(QuantizedRows<u8>),
+    /// Levels as u8 `u`, for the VNNI kernel, and the AMX tiles where the product takes them.
+    Quads(QuantizedRows<u8>, Option<Tiles>),
+}
+
+/// The AMX tiles, for the VNNI layout's products of at least [`AMX_ROWS`] rows, where the CPU
+/// has AMX-INT8 (a proof of nothing elsewhere).
+#[cfg(target_arch = "x86_64")]
+type Tiles = super::int8_amx::Tiles;
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+enum Tiles {}
+
+/// Rows from which a unit of a VNNI-layout product runs on the AMX tiles: one tile of levels.
+/// Fewer rows (a decoding step of a few sentences) stream the weight through the registers.
+const AMX_ROWS: usize = 16;
+
+/// The tiles for a product of `rows` rows, where they are available and it has enough rows.
+fn amx_tiles(rows: usize) -> Option<Tiles> {
+    #[cfg(target_arch = "x86_64")]
+    if rows >= AMX_ROWS {
+        return Tiles::try_new();
+    }
+    let _ = rows;
+    None
 }
 
 /// The register tiles of one unit of `rows × cols` sums, into `unit: [rows, cols]`: strips of
@@ -720,6 +778,7 @@ fn pairs_unit(
 #[allow(clippy::too_many_arguments)]
 fn quads_unit(
     xq: &QuantizedRows<u8>,
+    tiles: Option<Tiles>,
     w: &Int8Weight,
     row0: usize,
     rows: usize,
@@ -730,6 +789,25 @@ fn quads_unit(
     let quads = w.groups();
     let strip_len = quads * WIDE_STRIP * QUAD;
     let sums_len = w.inputs.div_ceil(BLOCK).div_ceil(2) * WIDE_STRIP * 2;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(tiles) = tiles.filter(|_| rows >= AMX_ROWS) {
+        let (blocks, first) = (xq.blocks, col0 / WIDE_STRIP);
+        let operands = super::int8_amx::Unit {
+            levels: &xq.q[row0 * xq.width..],
+            width: xq.width,
+            scales: &xq.scales[row0 * blocks..],
+            zeros: &xq.zeros[row0 * blocks..],
+            strips: &w.packed[first * strip_len..],
+            strip_len,
+            sums: &w.sums[first * sums_len..],
+            sums_len,
+            rows,
+            cols,
+        };
+        super::int8_amx::unit_sums(tiles, &operands, unit);
+        return;
+    }
+    let _ = tiles;
     unit_tiles::<WIDE_STRIP>(rows, cols, unit, |r, strips, tile| {
         let weights = strip_slices(&w.packed, strip_len, col0 / WIDE_STRIP, &strips);
         let sums = strip_slices(&w.sums, sums_len, col0 / WIDE_STRIP, &strips);
@@ -1091,7 +1169,7 @@ mod tests {
     /// The product by definition, from the unpacked int8 values.
     fn reference(x: ArrayView2<f32>, w: &Int8Weight, bias: Option<&[f32]>) -> Array2<f32> {
         let q = w.values();
-        let xq = quantize_rows::<i16>(x, w.inputs);
+        let xq = quantize_rows::<i16>(x, w.inputs, 1);
         let mut y = Array2::zeros((x.nrows(), w.out));
         for r in 0..x.nrows() {
             let sums: Vec<f32> = (0..w.out)
@@ -1175,6 +1253,31 @@ mod tests {
     }
 
     #[test]
+    fn an_activation_applied_with_the_sums_equals_one_applied_afterwards() {
+        let (x, w) = (values(37, 70, 3), values(150, 70, 4));
+        let w = Int8Weight::quantize(w.view()).unwrap();
+        let bias: Vec<f32> = (0..150).map(|o| o as f32 * 0.02 - 1.0).collect();
+        let bias = Some(ArrayView1::from(&bias[..]));
+        let mut plain = Array2::zeros((37, 150));
+        int8_linear(x.view(), &w, bias, Epilogue::Bias, plain.view_mut());
+        for epilogue in [Epilogue::BiasRelu, Epilogue::BiasGelu, Epilogue::BiasSilu] {
+            let mut expected = plain.clone();
+            expected.rows_mut().into_iter().for_each(|mut row| {
+                super::super::activation::activate(row.as_slice_mut().unwrap(), epilogue)
+            });
+            let mut fused = Array2::zeros((37, 150));
+            int8_linear(x.view(), &w, bias, epilogue, fused.view_mut());
+            let bits = |a: &Array2<f32>| a.mapv(f32::to_bits);
+            assert_eq!(bits(&fused), bits(&expected), "{epilogue:?}");
+            assert_ne!(
+                bits(&fused),
+                bits(&plain),
+                "{epilogue:?} changes some values"
+            );
+        }
+    }
+
+    #[test]
     fn every_path_equals_the_reference_bit_for_bit_on_edge_shapes() {
         for (m, k, n) in [
             (1, 1, 1),
@@ -1187,6 +1290,11 @@ mod tests {
             (8, 512, 40),
             (9, 512, 24),
             (15, 100, 33),
+            // 16 rows and more take the AMX tiles where the CPU has them: one tile of rows,
+            // a second tile partly filled, a lone 16-row tile after a 32-row block.
+            (16, 32, 16),
+            (20, 64, 48),
+            (40, 96, 80),
             (130, 40, 300),
         ] {
             let x = values(m, k, 1);
@@ -1202,7 +1310,13 @@ mod tests {
                     );
                     assert_eq!(w.values(), quantized.values());
                     let mut y = Array2::from_elem((m, n), f32::NAN);
-                    int8_linear(x.view(), &w, b.map(ArrayView1::from), y.view_mut());
+                    int8_linear(
+                        x.view(),
+                        &w,
+                        b.map(ArrayView1::from),
+                        Epilogue::Bias,
+                        y.view_mut(),
+                    );
                     let shape = format!("{m} × {k} × {n}, bias {}", b.is_some());
                     assert_eq!(y, expected, "{layout:?}, {shape}");
                 }
@@ -1212,7 +1326,7 @@ mod tests {
                     Layout::Pairs,
                 );
                 let groups = k.div_ceil(GROUP);
-                let xq = quantize_rows(x.view(), groups * GROUP);
+                let xq = quantize_rows(x.view(), groups * GROUP, 1);
                 let strip_len = groups * STRIP * GROUP;
                 let count = n.div_ceil(STRIP);
                 let last: Vec<&[i8]> = (count.saturating_sub(TILE_STRIPS)..count)
@@ -1257,7 +1371,7 @@ mod tests {
         let mut y = Array2::zeros((3, 9));
         for layout in layouts() {
             let w = Int8Weight::from_parts_in(q.values().view(), q.scales(), layout);
-            int8_linear(x.view(), &w, None, y.view_mut());
+            int8_linear(x.view(), &w, None, Epilogue::Bias, y.view_mut());
             assert_eq!(y, reference(x.view(), &w, None), "{layout:?}");
         }
         // Same signs give +k·2, opposite −k·2, exactly (127 · 127 · k fits in an i32).
@@ -1301,7 +1415,7 @@ mod tests {
         let (x, w) = (values(6, 256, 4), values(40, 256, 5));
         let q = Int8Weight::quantize(w.view()).unwrap();
         let mut y = Array2::zeros((6, 40));
-        int8_linear(x.view(), &q, None, y.view_mut());
+        int8_linear(x.view(), &q, None, Epilogue::Bias, y.view_mut());
         let exact = x.dot(&w.t());
         // Each term is off by at most half a step of each operand: a bound per output.
         for ((r, o), &v) in y.indexed_iter() {
@@ -1316,7 +1430,7 @@ mod tests {
         }
         let mut nan = x.clone();
         nan[[2, 7]] = f32::NAN;
-        int8_linear(nan.view(), &q, None, y.view_mut());
+        int8_linear(nan.view(), &q, None, Epilogue::Bias, y.view_mut());
         assert!(y.row(2).iter().all(|v| v.is_nan()));
         assert!(y.row(1).iter().all(|v| v.is_finite()));
     }

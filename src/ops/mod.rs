@@ -13,6 +13,7 @@
 //! | `stream.rs` | products of very few rows: a weight streamed once, per-head few-row products |
 //! | `amx.rs` | batch products on Intel's AMX tiles, at f32 accuracy |
 //! | `int8.rs` | int8 linear layers: weights per row, activations per block of a row, i32 sums |
+//! | `int8_amx.rs` | the int8 batch products on Intel's AMX tiles (`tdpbusd`) |
 //! | `bf16.rs` | bf16 linear layers: weights in bf16 panels, f32 activations and sums |
 //! | `attention.rs` | the per-head kernels of attention, `q kᵀ` and `p v` (§3.2.1) |
 //! | `softmax.rs` | softmax, log-softmax, online softmax |
@@ -63,6 +64,9 @@ mod tile;
 /// Batch products on Intel's AMX tiles, at f32 precision, where the CPU has them.
 #[cfg(target_arch = "x86_64")]
 mod amx;
+/// Int8 batch products on Intel's AMX tiles, where the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod int8_amx;
 
 pub(crate) use self::attention::{
     head_scores, head_values, query_scores, weighted_rows, HeadScratch,
@@ -156,11 +160,14 @@ fn reduced_linear(
     mut y: ArrayViewMut2<f32>,
 ) {
     match w {
-        Reduced::Int8(q) => int8::int8_linear(x, q, bias, y.view_mut()),
-        Reduced::Bf16(w) => bf16::bf16_linear(x, w, bias, y.view_mut()),
-    }
-    if epilogue != Epilogue::Bias {
-        activate_rows(y, epilogue);
+        // The int8 kernel applies the activation as it stores the sums.
+        Reduced::Int8(q) => int8::int8_linear(x, q, bias, epilogue, y.view_mut()),
+        Reduced::Bf16(w) => {
+            bf16::bf16_linear(x, w, bias, y.view_mut());
+            if epilogue != Epilogue::Bias {
+                activate_rows(y, epilogue);
+            }
+        }
     }
 }
 
