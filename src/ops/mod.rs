@@ -188,6 +188,13 @@ pub(crate) fn linear(
     let (rows, out) = (x.nrows(), w.out_features());
     let w = match w.split() {
         Ok(w) => w,
+        Err(Reduced::Int8(q)) => {
+            // The int8 kernel writes every output: no pass zeroes them first.
+            let mut y = huge_pages::uninit(Dim([rows, out]));
+            int8::int8_linear_uninit(x, q, bias, epilogue, y.view_mut());
+            // SAFETY: `int8_linear_uninit` wrote every element.
+            return unsafe { y.assume_init() };
+        }
         Err(w) => {
             let mut y = huge_pages::zeros(Dim([rows, out]));
             reduced_linear(x, w, bias, epilogue, y.view_mut());
