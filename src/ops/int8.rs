@@ -689,9 +689,7 @@ pub(crate) fn int8_linear_uninit(
             for (out, sums) in y_block.rows_mut().into_iter().zip(unit.chunks_mut(cols)) {
                 dequantize_in_place(sums, sw, bias);
                 super::activation::activate(sums, epilogue);
-                for (o, &v) in out.into_iter().zip(sums.iter()) {
-                    o.write(v);
-                }
+                write_row(out, sums);
             }
         })
     };
@@ -985,6 +983,24 @@ fn tile_rows(rows: usize, most: usize) -> usize {
         4.. => 4,
         2 | 3 => 2,
         _ => 1,
+    }
+}
+
+/// Writes `values` into `out` (of the same length), whose values may be uninitialised.
+#[inline(always)]
+fn write_row(mut out: ndarray::ArrayViewMut1<MaybeUninit<f32>>, values: &[f32]) {
+    assert_eq!(out.len(), values.len());
+    match out.as_slice_mut() {
+        Some(out) => {
+            // SAFETY: `out` holds `values.len()` elements with the layout of `f32`, and does
+            // not overlap `values` (the unit's buffer).
+            unsafe {
+                std::ptr::copy_nonoverlapping(values.as_ptr(), out.as_mut_ptr().cast(), out.len())
+            }
+        }
+        None => out.iter_mut().zip(values).for_each(|(o, &v)| {
+            o.write(v);
+        }),
     }
 }
 
