@@ -6,9 +6,9 @@
 //! the VNNI layout already stores them, 512 contiguous bytes) into 16 × 16 exact i32 sums:
 //! 8192 products in one instruction, against 64 for `vpdpbusd`. Each block of 32 inputs has its
 //! own activation scale, so the sums of each block leave the tiles, and the AVX-512 registers
-//! finish them as the VNNI kernel does (`vpdpwssd` adds `−zero · Σ w`, then convert, scale and
-//! add to the f32 totals, the same operations in the same order): the outputs equal the VNNI
-//! kernel's and the scalar reference's bit for bit.
+//! finish them as the VNNI kernel does (`vpdpwssd` adds `−zero · Σ w`, then one fused
+//! multiply-add takes the block's scale into the f32 totals, in the same order): the outputs
+//! equal the VNNI kernel's and the scalar reference's bit for bit.
 //!
 //! A block of sums covers 32 rows × 32 columns in four accumulator tiles, from two tiles of
 //! levels and two of weights. The levels' rows are padded to a multiple of 16 and their
@@ -180,8 +180,8 @@ unsafe fn tile_block(unit: &Unit, at: &Place, b: usize, sums: &mut BlockSums) {
 }
 
 /// Adds block `b`'s sums (`sums`, from [`tile_block`]) to the f32 totals of the block of sums
-/// at `at`: `vpdpwssd` adds `−zero · Σ w`, then each exact sum is converted, scaled by the
-/// row's block scale and added, as the VNNI kernel does.
+/// at `at`: `vpdpwssd` adds `−zero · Σ w`, then each exact sum is converted and added, times
+/// the row's block scale, in one fused multiply-add, as the VNNI kernel does.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 fn finish_block(
@@ -209,8 +209,7 @@ fn finish_block(
                 let tile = &sums.0[r / TILE_ROWS * 2 + s][r % TILE_ROWS];
                 let raw = _mm512_load_si512(tile.as_ptr().cast());
                 let exact = _mm512_dpwssd_epi32(raw, zero, cs[s]);
-                let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale);
-                *total = _mm512_add_ps(*total, scaled);
+                *total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, *total);
             }
         }
     }
