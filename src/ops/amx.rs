@@ -315,9 +315,10 @@ impl SplitPanel {
     }
 }
 
-/// The tile configuration: palette 1, eight tiles of 16 rows of 64 bytes.
+/// A tile configuration (palette 1), the 64 bytes `ldtilecfg` reads: each of the first eight
+/// tiles' bytes a row and rows.
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -325,13 +326,28 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-const CONFIG: TileConfig = TileConfig {
-    palette: 1,
-    start_row: 0,
-    reserved: [0; 14],
-    bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-};
+impl TileConfig {
+    /// Palette 1 with tiles `tmm0`–`tmm7` of `rows[t]` rows of `bytes[t]` bytes.
+    pub(super) const fn new(bytes: [u16; 8], rows: [u8; 8]) -> Self {
+        let mut config = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [0; 16],
+            rows: [0; 16],
+        };
+        let mut t = 0;
+        while t < 8 {
+            config.bytes_per_row[t] = bytes[t];
+            config.rows[t] = rows[t];
+            t += 1;
+        }
+        config
+    }
+}
+
+/// The configuration of the bf16 products: eight tiles of 16 rows of 64 bytes.
+const CONFIG: TileConfig = TileConfig::new([64; 8], [16; 8]);
 
 /// Tile steps of `k` (32 values each) per chunk, over which a block of sums stays in its tiles.
 /// A 32-row block of `a` takes 96 KiB a chunk and the panel 384 KiB, both in a core's L2; 8

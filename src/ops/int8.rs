@@ -469,21 +469,34 @@ fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize, pad_rows: usize) ->
 /// point, `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or ReLU's
 /// output) gets twice the resolution a symmetric ±127 grid gives it. A block with a non-finite
 /// value gets a NaN scale, so that its row's outputs are NaN, as in f32.
+/// The 8-bit grid of a block with bounds `lo ≤ 0 ≤ hi`: the factor `255 / (hi − lo)` its
+/// values are multiplied by and the zero point. `Err` with the block's (scale, zero point)
+/// when all its levels are 0: a NaN scale for a block with a non-finite value (`nan`, or
+/// infinite bounds), scale 0 for a block of zeros.
+#[inline(always)]
+fn grid(lo: f32, hi: f32, nan: bool) -> Result<(f32, f32), (f32, f32)> {
+    if nan || !(hi - lo).is_finite() {
+        return Err((f32::NAN, 0.0));
+    }
+    if hi == lo {
+        return Err((0.0, 0.0));
+    }
+    let inv = 255.0 / (hi - lo);
+    Ok((inv, (-lo * inv).round_ties_even()))
+}
+
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn quantize_block<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
     let (lo, hi) = x
         .iter()
         .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    if !(hi - lo).is_finite() || x.iter().any(|v| v.is_nan()) {
-        q.fill(T::level(0.0, 0.0));
-        return (f32::NAN, 0.0);
-    }
-    if hi == lo {
-        q.fill(T::level(0.0, 0.0));
-        return (0.0, 0.0);
-    }
-    let inv = 255.0 / (hi - lo);
-    let zero = (-lo * inv).round_ties_even();
+    let (inv, zero) = match grid(lo, hi, x.iter().any(|v| v.is_nan())) {
+        Ok(grid) => grid,
+        Err(flat) => {
+            q.fill(T::level(0.0, 0.0));
+            return flat;
+        }
+    };
     let (min, max) = (-zero, 255.0 - zero);
     for (q, &v) in q.iter_mut().zip(x) {
         *q = T::level((v * inv).round_ties_even().clamp(min, max), zero);
@@ -539,16 +552,13 @@ unsafe fn quantize_block_avx512<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) 
     // The zero lanes past the end change neither bound: both start at 0.
     let lo = _mm512_reduce_min_ps(_mm512_min_ps(v[0], v[1])).min(0.0);
     let hi = _mm512_reduce_max_ps(_mm512_max_ps(v[0], v[1])).max(0.0);
-    if nan != 0 || !(hi - lo).is_finite() {
-        q.fill(T::level(0.0, 0.0));
-        return (f32::NAN, 0.0);
-    }
-    if hi == lo {
-        q.fill(T::level(0.0, 0.0));
-        return (0.0, 0.0);
-    }
-    let inv = 255.0 / (hi - lo);
-    let zero = (-lo * inv).round_ties_even();
+    let (inv, zero) = match grid(lo, hi, nan != 0) {
+        Ok(grid) => grid,
+        Err(flat) => {
+            q.fill(T::level(0.0, 0.0));
+            return flat;
+        }
+    };
     let (min, max) = (_mm512_set1_ps(-zero), _mm512_set1_ps(255.0 - zero));
     for (h, (&v, &mask)) in v.iter().zip(&masks).enumerate() {
         let d = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(

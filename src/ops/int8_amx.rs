@@ -18,6 +18,8 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+use super::amx::TileConfig;
+
 /// Rows of one tile of levels (and of sums).
 pub(super) const TILE_ROWS: usize = 16;
 /// Output columns of one tile of sums: one strip of the VNNI layout.
@@ -49,24 +51,12 @@ impl Tiles {
     }
 }
 
-/// The tile configuration: palette 1; `tmm0`–`tmm3` sums (16 rows × 16 i32), `tmm4`, `tmm5`
-/// levels (16 rows × 32 u8), `tmm6`, `tmm7` weights (8 rows × 64 bytes).
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    bytes_per_row: [u16; 16],
-    rows: [u8; 16],
-}
-
-const CONFIG: TileConfig = TileConfig {
-    palette: 1,
-    start_row: 0,
-    reserved: [0; 14],
-    bytes_per_row: [64, 64, 64, 64, 32, 32, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-    rows: [16, 16, 16, 16, 16, 16, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0],
-};
+/// The tile configuration: `tmm0`–`tmm3` sums (16 rows × 16 i32), `tmm4`, `tmm5` levels (16
+/// rows × 32 u8), `tmm6`, `tmm7` weights (8 rows × 64 bytes).
+const CONFIG: TileConfig = TileConfig::new(
+    [64, 64, 64, 64, 32, 32, 64, 64],
+    [16, 16, 16, 16, 16, 16, 8, 8],
+);
 
 /// One unit's operands, as the int8 kernel holds them.
 pub(super) struct Unit<'a> {
