@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub(crate) fn with_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let threads = rayon::current_num_threads();
     if threads <= 1 {
-        return f();
+        // Still on the pool's thread: each parallel loop started from outside the pool hands
+        // its work to that thread and sleeps until it is done, a wake-up per loop.
+        return rayon::scope(|_| f());
     }
     let done = AtomicBool::new(false);
     rayon::scope(|scope| {
