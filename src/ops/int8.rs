@@ -50,7 +50,7 @@ const STRIP: usize = 8;
 /// one i32 lane.
 const QUAD: usize = 4;
 /// Output columns one strip of the VNNI layout holds: 16 i32 lanes, one AVX-512 register.
-const WIDE_STRIP: usize = 16;
+pub(super) const WIDE_STRIP: usize = 16;
 /// Rows the largest register tile covers: 8 rows × 1 strip (8 accumulators), for products of
 /// at most 8 rows (decoding steps), so that each weight is widened once.
 const TILE_ROWS: usize = 8;
@@ -347,7 +347,7 @@ fn quantize_value(v: f32, inv: f32) -> i8 {
 /// Groups of inputs (2 each) that share one activation scale: blocks of 32 inputs.
 const BLOCK_GROUPS: usize = 16;
 /// Inputs per activation block.
-const BLOCK: usize = BLOCK_GROUPS * GROUP;
+pub(super) const BLOCK: usize = BLOCK_GROUPS * GROUP;
 /// Groups of 4 inputs in a block ([`Layout::Quads`]).
 const QUAD_BLOCK: usize = BLOCK / QUAD;
 
@@ -462,13 +462,6 @@ fn quantize_rows<T: Level>(x: ArrayView2<f32>, width: usize, pad_rows: usize) ->
     }
 }
 
-/// One block of a row as levels with `x ≈ scale · (u − zero)`; returns the scale and the zero
-/// point.
-///
-/// The block's range `[min(x, 0), max(x, 0)]` is cut into 255 steps (u8 values with a zero
-/// point, `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or ReLU's
-/// output) gets twice the resolution a symmetric ±127 grid gives it. A block with a non-finite
-/// value gets a NaN scale, so that its row's outputs are NaN, as in f32.
 /// The 8-bit grid of a block with bounds `lo ≤ 0 ≤ hi`: the factor `255 / (hi − lo)` its
 /// values are multiplied by and the zero point. `Err` with the block's (scale, zero point)
 /// when all its levels are 0: a NaN scale for a block with a non-finite value (`nan`, or
@@ -485,6 +478,13 @@ fn grid(lo: f32, hi: f32, nan: bool) -> Result<(f32, f32), (f32, f32)> {
     Ok((inv, (-lo * inv).round_ties_even()))
 }
 
+/// One block of a row as levels with `x ≈ scale · (u − zero)`; returns the scale and the zero
+/// point.
+///
+/// The block's range `[min(x, 0), max(x, 0)]` is cut into 255 steps (u8 values with a zero
+/// point, `d = u − zero` in `[−zero, 255 − zero]`), so a one-sided block (a GELU's or ReLU's
+/// output) gets twice the resolution a symmetric ±127 grid gives it. A block with a non-finite
+/// value gets a NaN scale, so that its row's outputs are NaN, as in f32.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn quantize_block<T: Level>(x: &[f32], q: &mut [T]) -> (f32, f32) {
     let (lo, hi) = x
@@ -618,10 +618,17 @@ pub(crate) fn int8_linear(
     epilogue: Epilogue,
     mut y: ArrayViewMut2<f32>,
 ) {
+    if y.strides().iter().any(|&s| s < 0) {
+        // A reversed view (none of the crate's own): written whole into fresh memory first.
+        let mut fresh = Array2::uninit(y.raw_dim());
+        int8_linear_uninit(x, w, bias, epilogue, fresh.view_mut());
+        // SAFETY: `int8_linear_uninit` wrote every element.
+        y.assign(&unsafe { fresh.assume_init() });
+        return;
+    }
     let (dim, strides) = (y.raw_dim(), y.strides().to_vec());
     let strides = Dim([strides[0] as usize, strides[1] as usize]);
-    // SAFETY: the same elements, at the same (non-negative: a view handed to a kernel is
-    // never reversed, and the product of an empty one returns before writing) strides, seen
+    // SAFETY: the same elements, at the same (non-negative, checked above) strides, seen
     // as `MaybeUninit<f32>`, which has the layout of `f32`; `y` is borrowed for the call.
     let y = unsafe {
         ArrayViewMut2::from_shape_ptr(
@@ -730,7 +737,7 @@ enum Tiles {}
 
 /// Rows from which a unit of a VNNI-layout product runs on the AMX tiles: one tile of levels.
 /// Fewer rows (a decoding step of a few sentences) stream the weight through the registers.
-const AMX_ROWS: usize = 16;
+pub(super) const AMX_ROWS: usize = 16;
 
 /// The tiles for a product of `rows` rows, where they are available and it has enough rows.
 fn amx_tiles(rows: usize) -> Option<Tiles> {
@@ -1303,6 +1310,29 @@ mod tests {
             avx512_blocks_match::<i16>();
             avx512_blocks_match::<u8>();
         }
+    }
+
+    #[test]
+    fn reversed_and_transposed_outputs_get_the_same_values() {
+        let (x, w) = (values(19, 40, 5), values(33, 40, 6));
+        let w = Int8Weight::quantize(w.view()).unwrap();
+        let mut plain = Array2::zeros((19, 33));
+        int8_linear(x.view(), &w, None, Epilogue::Bias, plain.view_mut());
+        let mut reversed = Array2::zeros((19, 33));
+        let mut view = reversed.view_mut();
+        view.invert_axis(Axis(1));
+        int8_linear(x.view(), &w, None, Epilogue::Bias, view);
+        reversed.invert_axis(Axis(1));
+        assert_eq!(reversed, plain);
+        let mut transposed = Array2::zeros((33, 19));
+        int8_linear(
+            x.view(),
+            &w,
+            None,
+            Epilogue::Bias,
+            transposed.view_mut().reversed_axes(),
+        );
+        assert_eq!(transposed.t(), plain);
     }
 
     #[test]

@@ -20,12 +20,10 @@ use std::arch::x86_64::*;
 
 use super::amx::TileConfig;
 
-/// Rows of one tile of levels (and of sums).
-pub(super) const TILE_ROWS: usize = 16;
-/// Output columns of one tile of sums: one strip of the VNNI layout.
-const STRIP: usize = 16;
-/// Inputs one activation block (one tile product) covers.
-const BLOCK: usize = 32;
+// Rows of one tile of levels (and of sums); output columns of one tile of sums (one strip of
+// the VNNI layout); inputs of one activation block (one tile product).
+use super::int8::{AMX_ROWS as TILE_ROWS, BLOCK, WIDE_STRIP as STRIP};
+
 /// Bytes of one block of a strip of weights: 8 groups of 4 inputs × 16 columns.
 const BLOCK_BYTES: usize = BLOCK * STRIP;
 
