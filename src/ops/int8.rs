@@ -228,6 +228,11 @@ impl Int8Weight {
         self.layout.groups(self.inputs)
     }
 
+    /// [`Layout::Quads`]: the column sums one strip holds, 32 a pair of blocks.
+    fn sums_len(&self) -> usize {
+        self.inputs.div_ceil(BLOCK).div_ceil(2) * WIDE_STRIP * 2
+    }
+
     /// `out`, the number of outputs.
     pub(crate) fn out_features(&self) -> usize {
         self.out
@@ -684,6 +689,23 @@ pub(crate) fn int8_linear_uninit(
     }
     let run = |(row0, col0, mut y_block): (usize, usize, ArrayViewMut2<MaybeUninit<f32>>)| {
         let (rows_here, cols) = y_block.dim();
+        let (sw, bias) = (
+            &w.scales[col0..col0 + cols],
+            bias.map(|b| &b[col0..col0 + cols]),
+        );
+        if let Rows::Quads(xq, tiles) = &rows {
+            if tiles.is_none() || rows_here < AMX_ROWS {
+                let unit = Unit {
+                    row0,
+                    rows: rows_here,
+                    col0,
+                    cols,
+                    sw,
+                    bias,
+                };
+                return vnni_unit(xq, w, &unit, epilogue, y_block);
+            }
+        }
         // The unit's sums, `[rows, cols]`, dequantized into `y` row by row at the end.
         // (Every unit writes all of it before reading it, so the buffer is not zeroed.)
         UNIT.with(|unit| {
@@ -697,13 +719,10 @@ pub(crate) fn int8_linear_uninit(
                     pairs_unit(xq, *kernel, w, row0, rows_here, col0, cols, unit)
                 }
                 Rows::Quads(xq, tiles) => {
-                    quads_unit(xq, *tiles, w, row0, rows_here, col0, cols, unit)
+                    let tiles = tiles.expect("units of the VNNI tiles return above");
+                    amx_unit(xq, tiles, w, row0, rows_here, col0, cols, unit)
                 }
             }
-            let (sw, bias) = (
-                &w.scales[col0..col0 + cols],
-                bias.map(|b| &b[col0..col0 + cols]),
-            );
             // Finished in the unit's buffer (in L1), then copied out.
             for (out, sums) in y_block.rows_mut().into_iter().zip(unit.chunks_mut(cols)) {
                 dequantize_in_place(sums, sw, bias);
@@ -814,12 +833,12 @@ fn pairs_unit(
     });
 }
 
-/// [`pairs_unit`] for a [`Layout::Quads`] weight, on the VNNI kernel: tiles of 8 rows × 1
-/// strip (16 columns) for products of up to 8 rows, 6 rows × 2 strips for taller ones.
+/// [`pairs_unit`] for a [`Layout::Quads`] weight on the AMX tiles (a unit of at least
+/// [`AMX_ROWS`] rows where the CPU has them).
 #[allow(clippy::too_many_arguments)]
-fn quads_unit(
+fn amx_unit(
     xq: &QuantizedRows<u8>,
-    tiles: Option<Tiles>,
+    tiles: Tiles,
     w: &Int8Weight,
     row0: usize,
     rows: usize,
@@ -827,11 +846,10 @@ fn quads_unit(
     cols: usize,
     unit: &mut [f32],
 ) {
-    let quads = w.groups();
-    let strip_len = quads * WIDE_STRIP * QUAD;
-    let sums_len = w.inputs.div_ceil(BLOCK).div_ceil(2) * WIDE_STRIP * 2;
     #[cfg(target_arch = "x86_64")]
-    if let Some(tiles) = tiles.filter(|_| rows >= AMX_ROWS) {
+    {
+        let quads = w.groups();
+        let (strip_len, sums_len) = (quads * WIDE_STRIP * QUAD, w.sums_len());
         let (blocks, first) = (xq.blocks, col0 / WIDE_STRIP);
         let operands = super::int8_amx::Unit {
             levels: &xq.q[row0 * xq.width..],
@@ -846,43 +864,167 @@ fn quads_unit(
             cols,
         };
         super::int8_amx::unit_sums(tiles, &operands, unit);
-        return;
     }
-    let _ = tiles;
-    unit_tiles::<WIDE_STRIP>(rows, cols, unit, |r, strips, tile| {
-        let weights = strip_slices(&w.packed, strip_len, col0 / WIDE_STRIP, &strips);
-        let sums = strip_slices(&w.sums, sums_len, col0 / WIDE_STRIP, &strips);
-        let n = strips.len();
-        vnni_tiles(xq, row0 + r, &weights[..n], &sums[..n], quads, tile);
-    });
+    #[cfg(not(target_arch = "x86_64"))]
+    match tiles {}
 }
 
-/// One VNNI tile's output: up to [`TILE_STRIPS`] strips of 16 columns a row.
-type WideOut = [[f32; WIDE_STRIP]; TILE_STRIPS];
+/// One unit of work of a product: output rows `row0..row0 + rows` × columns `col0..col0 +
+/// cols`, with the weight's scales and the bias of those columns.
+struct Unit<'a> {
+    row0: usize,
+    rows: usize,
+    col0: usize,
+    cols: usize,
+    sw: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
 
-/// The sums of rows `first..first + out.len()` × `strips` of a [`Layout::Quads`] weight: 8, 6,
-/// 4, 2 or 1 rows × 1 strip, or 6, 4, 2 or 1 rows × 2 strips.
-fn vnni_tiles(
+/// One unit of a [`Layout::Quads`] product on the VNNI register tiles (8 rows × 1 strip of 16
+/// columns for products of up to 8 rows, 6 rows × 2 strips for taller ones), dequantized in
+/// the registers and stored straight into `y: [rows, cols]`, then activated in place. A `y`
+/// whose columns are not contiguous gets its rows through the unit's buffer.
+fn vnni_unit(
     xq: &QuantizedRows<u8>,
-    first: usize,
-    strips: &[&[i8]],
-    sums: &[&[i16]],
-    quads: usize,
-    out: &mut [WideOut],
+    w: &Int8Weight,
+    unit: &Unit,
+    epilogue: Epilogue,
+    mut y: ArrayViewMut2<MaybeUninit<f32>>,
 ) {
-    fn one<const R: usize, const S: usize>(
+    let (rows, cols) = (unit.rows, unit.cols);
+    let activate = |row: &mut [f32]| super::activation::activate(row, epilogue);
+    if y.strides()[1] == 1 && y.strides()[0] >= 0 {
+        let stride = y.strides()[0] as usize;
+        let dest = Dest {
+            ptr: y.as_mut_ptr().cast(),
+            stride,
+        };
+        // SAFETY: `y` holds `rows` rows of `cols` contiguous f32s `stride` apart, borrowed
+        // mutably for the call.
+        unsafe { vnni_tiles_into(xq, w, unit, dest) };
+        if epilogue != Epilogue::Bias {
+            for r in 0..rows {
+                // SAFETY: row `r` of `y`, every value of which the tiles have just written.
+                activate(unsafe { std::slice::from_raw_parts_mut(dest.ptr.add(r * stride), cols) });
+            }
+        }
+        return;
+    }
+    UNIT.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < rows * cols {
+            buffer.resize(rows * cols, 0.0);
+        }
+        let buffer = &mut buffer[..rows * cols];
+        let dest = Dest {
+            ptr: buffer.as_mut_ptr(),
+            stride: cols,
+        };
+        // SAFETY: the buffer holds `rows × cols` f32s, borrowed mutably for the call.
+        unsafe { vnni_tiles_into(xq, w, unit, dest) };
+        for (out, values) in y.rows_mut().into_iter().zip(buffer.chunks_mut(cols)) {
+            activate(values);
+            write_row(out, values);
+        }
+    })
+}
+
+/// Where a register tile stores its dequantized rows: row `r` at `ptr + r · stride`.
+#[derive(Clone, Copy)]
+struct Dest {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+impl Dest {
+    /// The destination of the tile from row `r`, column `c` on.
+    fn at(self, r: usize, c: usize) -> Dest {
+        Dest {
+            ptr: self.ptr.wrapping_add(r * self.stride + c),
+            stride: self.stride,
+        }
+    }
+}
+
+/// The VNNI tiles of one unit, dequantized (`sum · sw + b`) into `dest`: strips of 16
+/// columns, [`tile_shape`] strips and [`tile_rows`] rows at a time.
+///
+/// # Safety
+/// `dest` must be valid for writes of `unit.rows` rows of `unit.cols` f32s.
+unsafe fn vnni_tiles_into(xq: &QuantizedRows<u8>, w: &Int8Weight, unit: &Unit, dest: Dest) {
+    let quads = w.groups();
+    let (strip_len, sums_len) = (quads * WIDE_STRIP * QUAD, w.sums_len());
+    let (rows, cols, first) = (unit.rows, unit.cols, unit.col0 / WIDE_STRIP);
+    let strips = cols.div_ceil(WIDE_STRIP);
+    let (most_strips, most_rows) = tile_shape(rows);
+    // The values of strip `s` of the unit in a per-column slice of it.
+    fn columns(v: &[f32], s: usize) -> &[f32] {
+        &v[s * WIDE_STRIP..v.len().min((s + 1) * WIDE_STRIP)]
+    }
+    let mut s = 0;
+    while s < strips {
+        let n = (strips - s).min(most_strips);
+        let taken = s..s + n;
+        let weights = strip_slices(&w.packed, strip_len, first, &taken);
+        let sums = strip_slices(&w.sums, sums_len, first, &taken);
+        let last = |i: usize| s + i.min(n - 1);
+        let sw: [&[f32]; TILE_STRIPS] = std::array::from_fn(|i| columns(unit.sw, last(i)));
+        let bias = unit
+            .bias
+            .map(|b| -> [&[f32]; TILE_STRIPS] { std::array::from_fn(|i| columns(b, last(i))) });
+        let mut r = 0;
+        while r < rows {
+            let take = tile_rows(rows - r, most_rows);
+            let tile = Tile {
+                first: unit.row0 + r,
+                rows: take,
+                strips: &weights[..n],
+                sums: &sums[..n],
+                sw: &sw[..n],
+                bias: bias.as_ref().map(|b| &b[..n]),
+            };
+            // SAFETY: rows `r..r + take`, columns from `16 s` of the unit lie within `dest`.
+            unsafe { vnni_tile(xq, &tile, quads, dest.at(r, s * WIDE_STRIP)) };
+            r += take;
+        }
+        s += n;
+    }
+}
+
+/// One VNNI register tile's operands: quantized rows `first..first + rows`, up to
+/// [`TILE_STRIPS`] strips of the weight with their block column sums, and the strips' weight
+/// scales and bias (16 columns a strip, fewer in the last one).
+struct Tile<'a> {
+    first: usize,
+    rows: usize,
+    strips: &'a [&'a [i8]],
+    sums: &'a [&'a [i16]],
+    sw: &'a [&'a [f32]],
+    bias: Option<&'a [&'a [f32]]>,
+}
+
+/// One VNNI register tile ([`Tile`]), dequantized into `dest`: 8, 6, 4, 2 or 1 rows × 1
+/// strip, or 6, 4, 2 or 1 rows × 2 strips.
+///
+/// # Safety
+/// `dest` must be valid for writes of `tile.rows` rows of the strips' columns.
+unsafe fn vnni_tile(xq: &QuantizedRows<u8>, tile: &Tile, quads: usize, dest: Dest) {
+    /// # Safety
+    /// As [`vnni_tile`], with `R` rows and `S` strips.
+    unsafe fn one<const R: usize, const S: usize>(
         xq: &QuantizedRows<u8>,
-        first: usize,
-        strips: &[&[i8]],
-        sums: &[&[i16]],
+        tile: &Tile,
         quads: usize,
-        out: &mut [WideOut],
+        dest: Dest,
     ) {
+        let first = tile.first;
         let rows: [&[u8]; R] = std::array::from_fn(|i| xq.row(first + i));
         let zeros: [&[i32]; R] = std::array::from_fn(|i| xq.zeros(first + i));
         let scales: [&[f32]; R] = std::array::from_fn(|i| xq.scales(first + i));
-        let strips: [&[i8]; S] = std::array::from_fn(|i| strips[i]);
-        let sums: [&[i16]; S] = std::array::from_fn(|i| sums[i]);
+        let strips: [&[i8]; S] = std::array::from_fn(|i| tile.strips[i]);
+        let sums: [&[i16]; S] = std::array::from_fn(|i| tile.sums[i]);
+        let sw: [&[f32]; S] = std::array::from_fn(|i| tile.sw[i]);
+        let bias: Option<[&[f32]; S]> = tile.bias.map(|b| std::array::from_fn(|i| b[i]));
         let blocks = quads.div_ceil(QUAD_BLOCK);
         assert!(
             vnni(),
@@ -895,21 +1037,22 @@ fn vnni_tiles(
         assert!(rows.iter().all(|r| r.len() >= quads * QUAD));
         assert!(scales.iter().all(|s| s.len() >= blocks));
         assert!(zeros.iter().all(|z| z.len() >= blocks));
+        assert!(sw.iter().all(|c| (1..=WIDE_STRIP).contains(&c.len())));
+        assert!(bias.is_none_or(|b| b.iter().zip(&sw).all(|(b, c)| b.len() == c.len())));
         #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: the CPU has AVX-512 F, BW and VNNI, and the lengths are checked above.
-            let tile = unsafe { tile_vnni::<R, S>(rows, zeros, scales, strips, sums, quads) };
-            for (out, tile) in out.iter_mut().zip(tile) {
-                out[..S].copy_from_slice(&tile);
-            }
-        }
+        // SAFETY: the CPU has AVX-512 F, BW and VNNI, the lengths are checked above and
+        // `dest` is valid for the tile's rows (the caller's promise).
+        unsafe {
+            tile_vnni::<R, S>(rows, zeros, scales, strips, sums, quads, (sw, bias), dest)
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("{out:?}");
+        unreachable!("{:?}", dest.ptr);
     }
     macro_rules! dispatch {
         ($(($r:literal, $s:literal)),*) => {
-            match (out.len(), strips.len()) {
-                $(($r, $s) => one::<$r, $s>(xq, first, strips, sums, quads, out),)*
+            match (tile.rows, tile.strips.len()) {
+                // SAFETY: the caller's promise.
+                $(($r, $s) => unsafe { one::<$r, $s>(xq, tile, quads, dest) },)*
                 (r, s) => unreachable!("no tile of {r} rows × {s} strips"),
             }
         };
@@ -917,20 +1060,26 @@ fn vnni_tiles(
     tile_shapes!(dispatch);
 }
 
+/// The scales and the bias of a VNNI tile's strips: 16 columns each, fewer in the last one.
+type StripFactors<'a, const S: usize> = ([&'a [f32]; S], Option<[&'a [f32]; S]>);
+
 /// The VNNI register tile: `R` rows × `S` strips of 16 columns. Per group of 4 inputs, each
 /// strip's 64 weights are loaded once and each row's 4 u8 levels broadcast once, and
 /// `vpdpbusd` adds the 4 products of each column into its i32 lane. At the end of a block,
 /// `vpdpwssd` adds `−zero · Σ w` (the zero point times the block's column sums), which makes
 /// each lane the exact sum `Σ (u − zero) · w` the other paths compute; it is then converted
 /// and added, times the block's scale, to the row's f32 sums in one fused multiply-add, as on
-/// the other paths.
+/// the other paths. The sums leave the registers dequantized, `sum · sw + b` (a product, then
+/// a sum, as [`dequantize_in_place`] rounds them), stored under a mask in the last strip.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and VNNI; each row must hold at least `quads · 4` levels,
-/// each scale and zero row one value a block of 8 groups, each strip `quads · 64` values and
-/// each sums slice 32 values a pair of blocks.
+/// each scale and zero row one value a block of 8 groups, each strip `quads · 64` values,
+/// each sums slice 32 values a pair of blocks, and each strip's scales (and bias) 1 to 16
+/// values; `dest` must be valid for writes of `R` rows of the strips' columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_vnni<const R: usize, const S: usize>(
     rows: [&[u8]; R],
     zeros: [&[i32]; R],
@@ -938,7 +1087,9 @@ unsafe fn tile_vnni<const R: usize, const S: usize>(
     strips: [&[i8]; S],
     sums: [&[i16]; S],
     quads: usize,
-) -> [[[f32; WIDE_STRIP]; S]; R] {
+    (sw, bias): StripFactors<S>,
+    dest: Dest,
+) {
     use std::arch::x86_64::*;
     let mut total = [[_mm512_setzero_ps(); S]; R];
     for (b, start) in (0..quads).step_by(QUAD_BLOCK).enumerate() {
@@ -970,14 +1121,20 @@ unsafe fn tile_vnni<const R: usize, const S: usize>(
             }
         }
     }
-    let mut out = [[[0.0f32; WIDE_STRIP]; S]; R];
-    for (total, out) in total.iter().zip(out.iter_mut()) {
-        for (total, out) in total.iter().zip(out.iter_mut()) {
-            // SAFETY: `out` is 16 f32s.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *total) };
+    for s in 0..S {
+        let mask = (u32::MAX >> (32 - sw[s].len())) as __mmask16;
+        // SAFETY: the masked loads read the strip's 1 to 16 scales and biases only.
+        let (scale, b) = unsafe {
+            let b = bias.map(|b| _mm512_maskz_loadu_ps(mask, b[s].as_ptr()));
+            (_mm512_maskz_loadu_ps(mask, sw[s].as_ptr()), b)
+        };
+        for (r, total) in total.iter().enumerate() {
+            let v = _mm512_mul_ps(total[s], scale);
+            let v = b.map_or(v, |b| _mm512_add_ps(v, b));
+            // SAFETY: row `r`'s columns of strip `s` lie within `dest` (the caller's promise).
+            unsafe { _mm512_mask_storeu_ps(dest.at(r, s * WIDE_STRIP).ptr, mask, v) };
         }
     }
-    out
 }
 
 /// The tile shape for a unit of `rows` rows: the strips a tile covers and the rows the
