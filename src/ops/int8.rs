@@ -610,6 +610,18 @@ thread_local! {
     static UNIT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Calls `f` with the first `len` values of this thread's [`UNIT`] buffer, grown if needed
+/// (its contents are whatever the last unit left).
+fn with_unit_buffer<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    UNIT.with(|unit| {
+        let mut unit = unit.borrow_mut();
+        if unit.len() < len {
+            unit.resize(len, 0.0);
+        }
+        f(&mut unit[..len])
+    })
+}
+
 /// `y = epilogue(x · Wᵀ + bias)`, dequantized, for an int8 weight: `x: [rows, in]`, `y: [rows,
 /// out]` (any contents, overwritten). The bias and the activation are applied to each row of a
 /// unit as its sums are stored.
@@ -708,12 +720,7 @@ pub(crate) fn int8_linear_uninit(
         }
         // The unit's sums, `[rows, cols]`, dequantized into `y` row by row at the end.
         // (Every unit writes all of it before reading it, so the buffer is not zeroed.)
-        UNIT.with(|unit| {
-            let mut unit = unit.borrow_mut();
-            if unit.len() < rows_here * cols {
-                unit.resize(rows_here * cols, 0.0);
-            }
-            let unit = &mut unit[..rows_here * cols];
+        with_unit_buffer(rows_here * cols, |unit| {
             match &rows {
                 Rows::Pairs(xq, kernel) => {
                     pairs_unit(xq, *kernel, w, row0, rows_here, col0, cols, unit)
@@ -910,12 +917,7 @@ fn vnni_unit(
         }
         return;
     }
-    UNIT.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
-        if buffer.len() < rows * cols {
-            buffer.resize(rows * cols, 0.0);
-        }
-        let buffer = &mut buffer[..rows * cols];
+    with_unit_buffer(rows * cols, |buffer| {
         let dest = Dest {
             ptr: buffer.as_mut_ptr(),
             stride: cols,
